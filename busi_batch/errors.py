@@ -1,0 +1,27 @@
+"""busi-batch's own small exception hierarchy.
+
+The CLI turns each into one line on stderr and an exit code; anything else is a bug and keeps its traceback.
+"""
+
+
+class BusiBatchError(Exception):
+    """Base class: a fatal, explainable problem (exit code 1)."""
+
+
+class UsageError(BusiBatchError):
+    """The command line asks for something impossible (exit code 2)."""
+
+
+class ModelLoadError(BusiBatchError):
+    """A checkpoint or its model card is missing, tampered with or incompatible."""
+
+
+class ImageDecodeError(Exception):
+    """One input file cannot be read as an image; the run records it and goes on.
+
+    Not a BusiBatchError on purpose: it never ends a run.
+    """
+
+
+class OutputWriteError(BusiBatchError):
+    """Writing into the output folder failed (disk full, permissions): fatal, nothing partial is left."""

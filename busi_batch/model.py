@@ -1,0 +1,242 @@
+"""The multi-task U-Net, its checkpoint format and the model card.
+
+A checkpoint is two files side by side: ``NAME.pt`` (a plain ``state_dict``, loaded with
+``torch.load(weights_only=True)`` so a checkpoint can never run code) and ``NAME.json`` (the model card:
+architecture, input size, normalisation, class order, training data, test metrics and the sha256 of the ``.pt``).
+Loading refuses a ``.pt`` whose sha256 differs from the card's, so a tampered or swapped file never
+processes a single image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .classes import CLASS_NAMES
+from .errors import ModelLoadError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL_NAME = "busi_unet_v1"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture hyper-parameters; stored in the model card so a checkpoint rebuilds its own network."""
+
+    in_channels: int = 1
+    base_width: int = 16
+    depth: int = 4
+    num_classes: int = 3
+    mask_pooling: bool = True
+    dropout: float = 0.2
+
+    def widths(self) -> list[int]:
+        return [self.base_width * 2**i for i in range(self.depth + 1)]
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by Batch Normalization and ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ClassificationHead(nn.Module):
+    """Classifies from the bottleneck: global average and max pooling, plus (optionally) the bottleneck
+    features averaged under the predicted lesion mask and the mask's area fraction.
+
+    Pooling under the mask lets the class decision look at the lesion rather than the whole frame; the mask
+    is detached so the classification loss does not bend the segmentation.
+    """
+
+    def __init__(self, channels: int, num_classes: int, mask_pooling: bool, dropout: float) -> None:
+        super().__init__()
+        self.mask_pooling = mask_pooling
+        features = channels * (3 if mask_pooling else 2) + (1 if mask_pooling else 0)
+        self.mlp = nn.Sequential(
+            nn.Linear(features, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, bottleneck: torch.Tensor, seg_logits: torch.Tensor) -> torch.Tensor:
+        pooled = [bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))]
+        if self.mask_pooling:
+            mask = torch.sigmoid(seg_logits.detach().float())
+            mask = F.adaptive_avg_pool2d(mask, bottleneck.shape[-2:]).to(bottleneck.dtype)
+            weight = mask.sum(dim=(2, 3))
+            pooled.append((bottleneck * mask).sum(dim=(2, 3)) / (weight + 1e-3))
+            pooled.append(weight / (mask.shape[-1] * mask.shape[-2]))
+        return self.mlp(torch.cat(pooled, dim=1))
+
+
+class MultiTaskUNet(nn.Module):
+    """U-Net with BN in every block; returns ``(seg_logits [B,1,H,W], class_logits [B,num_classes])``.
+
+    Input height and width must be multiples of ``2**depth``.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = config.widths()
+        self.encoders = nn.ModuleList()
+        cin = config.in_channels
+        for w in widths:
+            self.encoders.append(ConvBlock(cin, w))
+            cin = w
+        levels = list(reversed(range(config.depth)))
+        self.upsamplers = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in levels)
+        self.decoders = nn.ModuleList(ConvBlock(2 * widths[i], widths[i]) for i in levels)
+        self.seg_head = nn.Conv2d(widths[0], 1, kernel_size=1)
+        self.cls_head = ClassificationHead(widths[-1], config.num_classes, config.mask_pooling, config.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = encoder(x)
+            skips.append(x)
+        bottleneck = skips.pop()
+        x = bottleneck
+        for upsample, decoder in zip(self.upsamplers, self.decoders):
+            x = decoder(torch.cat([upsample(x), skips.pop()], dim=1))
+        seg_logits = self.seg_head(x)
+        return seg_logits, self.cls_head(bottleneck, seg_logits)
+
+
+@dataclass
+class ModelCard:
+    """Everything a user (and the report) needs to know about a checkpoint.
+
+    ``metrics`` holds the held-out test metrics in the ``metrics.json`` schema; ``temperature`` divides the class
+    logits before the softmax (1.0 = uncalibrated); ``threshold`` binarises the lesion probability.
+    """
+
+    name: str
+    version: str
+    architecture: dict[str, Any]
+    input_size: int = 256
+    normalisation: dict[str, float] = field(default_factory=lambda: {"mean": 0.5, "std": 0.25})
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    temperature: float = 1.0
+    threshold: float = 0.5
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    training_data: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = (
+        "Research tool for breast ultrasound image analysis. Not a medical device; "
+        "not for diagnosis or treatment decisions."
+    )
+    test_model: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(**self.architecture)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model card fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run network with the card and the path and hash it was loaded from."""
+
+    network: MultiTaskUNet
+    card: ModelCard
+    weights_path: Path
+    sha256: str
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_weights_path() -> Path:
+    return WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.pt"
+
+
+def card_path_for(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def save_model(network: nn.Module, card: ModelCard, weights: Path, half: bool = False) -> ModelCard:
+    """Write ``weights`` (.pt) and its card (.json) atomically; returns the card with the hash filled in."""
+    from .imageio import atomic_write_bytes  # local: keeps model importable without cv2 for tooling
+
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in network.state_dict().items()}
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    card = dataclasses.replace(
+        card, weights_sha256=hashlib.sha256(data).hexdigest(), weights_dtype="float16" if half else "float32"
+    )
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(weights, data)
+    atomic_write_bytes(card_path_for(weights), card.to_json().encode())
+    return card
+
+
+def load_model(weights: Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load and verify a checkpoint; raise ``ModelLoadError`` naming the file and the reason."""
+    weights = Path(weights) if weights is not None else default_weights_path()
+    if weights.suffix == ".json":
+        weights = weights.with_suffix(".pt")
+    card_file = card_path_for(weights)
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights}: model weights not found")
+    if not card_file.is_file():
+        raise ModelLoadError(f"{card_file}: model card not found (expected beside the weights)")
+    try:
+        card = ModelCard.from_dict(json.loads(card_file.read_text()))
+        config = card.unet_config()
+    except (ValueError, TypeError) as err:
+        raise ModelLoadError(f"{card_file}: invalid model card: {err}") from err
+    if list(card.class_names) != list(CLASS_NAMES):
+        raise ModelLoadError(f"{card_file}: class order {card.class_names} differs from {list(CLASS_NAMES)}")
+    digest = sha256_file(weights)
+    if digest != card.weights_sha256:
+        raise ModelLoadError(
+            f"{weights}: sha256 {digest[:12]}… does not match the model card's {card.weights_sha256[:12] or '(none)'}…;"
+            " the file was changed or belongs to another model"
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network = MultiTaskUNet(config)
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except Exception as err:  # torch raises many types for a bad pickle or a shape mismatch
+        raise ModelLoadError(f"{weights}: cannot load weights: {str(err).splitlines()[0]}") from err
+    network.eval().to(device)
+    return LoadedModel(network=network, card=card, weights_path=weights, sha256=digest)

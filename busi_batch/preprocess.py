@@ -1,0 +1,58 @@
+"""Turning a decoded image into the model's input: the one copy used by ``run``, training and the demo.
+
+Decoded pixels arrive in any depth and channel layout; the model sees a single grey channel in [0, 1],
+resized to a square of the card's input size, then normalised with the card's mean and std.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def to_gray_float(image: np.ndarray) -> np.ndarray:
+    """Grey float32 in [0, 1] from a grey, BGR or BGRA array of 8 or 16 bits (cv2's channel order).
+
+    Alpha is dropped (ultrasound frames are opaque); colour overlays are averaged into grey with the usual
+    luma weights, as a scanner's grey export would.
+    """
+    if image.dtype == np.uint8:
+        scale = 255.0
+    elif image.dtype == np.uint16:
+        scale = 65535.0
+    elif image.dtype in (np.float32, np.float64):
+        scale = 1.0
+    else:
+        raise ValueError(f"unsupported pixel type {image.dtype}")
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            image = image[:, :, 0]
+        elif channels == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        elif channels == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+        else:
+            raise ValueError(f"unsupported channel count {channels}")
+    elif image.ndim != 2:
+        raise ValueError(f"unsupported image shape {image.shape}")
+    return np.clip(image.astype(np.float32) / scale, 0.0, 1.0)
+
+
+def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size`` x ``size`` (aspect ratio is not kept: the model was trained that way).
+
+    INTER_AREA when shrinking avoids aliasing speckle; INTER_LINEAR when enlarging.
+    """
+    h, w = gray.shape[:2]
+    interpolation = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
+    return cv2.resize(gray, (size, size), interpolation=interpolation)
+
+
+def normalise(gray01: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return ((gray01 - mean) / std).astype(np.float32)
+
+
+def model_input(image: np.ndarray, size: int, mean: float, std: float) -> np.ndarray:
+    """Decoded image -> float32 [size, size] ready for the network (add batch and channel axes yourself)."""
+    return normalise(resize_square(to_gray_float(image), size), mean, std)
