@@ -145,4 +145,5 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8 text; file names that were not valid UTF-8 keep their original bytes (surrogateescape)."""
+    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))

@@ -1,0 +1,117 @@
+"""Metric maths on hand-made arrays, with scikit-learn as the oracle where it has the same definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, jaccard_score, matthews_corrcoef
+
+from busi_batch import metrics
+
+
+def square(size: int, top: int, left: int, side: int) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def test_perfect_overlap_is_one() -> None:
+    m = square(10, 2, 2, 4)
+    assert metrics.dice_score(m, m) == 1.0
+    assert metrics.iou_score(m, m) == 1.0
+
+
+def test_both_empty_is_one_and_one_empty_is_zero() -> None:
+    empty = np.zeros((5, 5), bool)
+    lesion = square(5, 1, 1, 2)
+    assert metrics.dice_score(empty, empty) == 1.0
+    assert metrics.iou_score(empty, empty) == 1.0
+    assert metrics.dice_score(lesion, empty) == 0.0
+    assert metrics.dice_score(empty, lesion) == 0.0
+    assert metrics.iou_score(lesion, empty) == 0.0
+
+
+def test_disjoint_is_zero() -> None:
+    assert metrics.dice_score(square(10, 0, 0, 3), square(10, 5, 5, 3)) == 0.0
+    assert metrics.iou_score(square(10, 0, 0, 3), square(10, 5, 5, 3)) == 0.0
+
+
+def test_half_overlap() -> None:
+    pred = np.zeros((4, 4), bool)
+    truth = np.zeros((4, 4), bool)
+    pred[:, :2] = True      # 8 pixels
+    truth[:, 1:3] = True    # 8 pixels, 4 shared
+    assert metrics.dice_score(pred, truth) == pytest.approx(0.5)
+    assert metrics.iou_score(pred, truth) == pytest.approx(4 / 12)
+
+
+def test_dice_and_iou_match_sklearn_on_random_masks() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.random((20, 20)) > 0.6, rng.random((20, 20)) > 0.5
+        assert metrics.dice_score(a, b) == pytest.approx(f1_score(b.ravel(), a.ravel()))
+        assert metrics.iou_score(a, b) == pytest.approx(jaccard_score(b.ravel(), a.ravel()))
+
+
+def test_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.dice_score(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_segmentation_summary_separates_lesion_images_from_all() -> None:
+    summary = metrics.segmentation_metrics(
+        dice=[0.8, 0.6, 1.0, 0.0], iou=[0.7, 0.5, 1.0, 0.0],
+        truth_has_lesion=[True, True, False, False], pred_has_lesion=[True, True, False, True],
+    )
+    assert summary["dice_mean"] == pytest.approx(0.7)
+    assert summary["iou_mean"] == pytest.approx(0.6)
+    assert summary["dice_mean_all"] == pytest.approx(0.6)
+    assert summary["false_positive_rate_normal"] == pytest.approx(0.5)
+    assert summary["n_with_lesion"] == 2 and summary["n_without_lesion"] == 2
+    assert "both masks empty" in summary["empty_mask_rule"]
+
+
+def test_segmentation_summary_without_lesions_has_no_lesion_mean() -> None:
+    summary = metrics.segmentation_metrics([1.0], [1.0], [False], [False])
+    assert summary["dice_mean"] is None and summary["false_positive_rate_normal"] == 0.0
+
+
+def test_classification_metrics_against_sklearn() -> None:
+    y_true = [0, 0, 1, 1, 1, 2, 2, 2, 2, 1]
+    y_pred = [0, 1, 1, 1, 2, 2, 2, 0, 2, 1]
+    probs = np.eye(3)[y_pred] * 0.7 + 0.1
+    result = metrics.classification_metrics(y_true, y_pred, probs, ["normal", "benign", "malignant"], n_boot=200)
+    assert result["accuracy"] == pytest.approx(0.7)
+    assert result["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert result["f1_weighted"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    assert result["f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert result["confusion_matrix"] == [[1, 1, 0], [0, 3, 1], [1, 0, 3]]
+    malignant = result["per_class"]["malignant"]
+    assert malignant["recall"] == pytest.approx(0.75) and malignant["support"] == 4
+    # specificity of malignant: 6 non-malignant, 1 predicted malignant -> 5/6
+    assert malignant["specificity"] == pytest.approx(5 / 6)
+    lo, hi = result["accuracy_ci95"]
+    assert lo <= result["accuracy"] <= hi
+    assert set(result["roc_auc"]) == {"normal", "benign", "malignant"}
+
+
+def test_bootstrap_is_deterministic_and_brackets_the_estimate() -> None:
+    y = np.array([0, 1] * 20)
+    p = y.copy()
+    p[:6] = 1 - p[:6]
+    a = metrics.bootstrap_ci(lambda t, q: float(np.mean(t == q)), y, p, n_boot=300, seed=3)
+    b = metrics.bootstrap_ci(lambda t, q: float(np.mean(t == q)), y, p, n_boot=300, seed=3)
+    assert a == b and a[0] < 0.85 < a[1]
+
+
+def test_specificity_per_class() -> None:
+    cm = np.array([[5, 0], [2, 3]])
+    # class 0: TN 3, FP 2 (two class-1 images called 0); class 1: TN 5, FP 0
+    assert metrics.specificity_per_class(cm).tolist() == pytest.approx([3 / 5, 5 / 5])
+
+
+def test_expected_calibration_error() -> None:
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    assert metrics.expected_calibration_error(probs, [0, 0, 0, 1]) == pytest.approx(0.5 * 0.1 + 0.5 * 0.1)
+    perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert metrics.expected_calibration_error(perfect, [0, 1]) == 0.0
