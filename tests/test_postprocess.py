@@ -30,3 +30,17 @@ def test_area_mm2() -> None:
     assert area_mm2(100, None) is None
     assert area_mm2(100, 0.1) == pytest.approx(1.0)
     assert area_mm2(100, (0.1, 0.2)) == pytest.approx(2.0)
+
+
+def test_outline_overlay_draws_both_colours() -> None:
+    from busi_batch.overlay import PRED_COLOUR_BGR, TRUTH_COLOUR_BGR, outline_overlay
+
+    image = np.full((60, 80), 100, np.uint8)
+    pred = np.zeros((60, 80), bool)
+    truth = np.zeros((60, 80), bool)
+    pred[10:30, 10:30] = True
+    truth[30:50, 40:70] = True
+    out = outline_overlay(image, pred, truth, thickness=1)
+    assert out.shape == (60, 80, 3) and out.dtype == np.uint8
+    assert (out == PRED_COLOUR_BGR).all(axis=2).any() and (out == TRUTH_COLOUR_BGR).all(axis=2).any()
+    assert (out[20, 20] == 100).all()  # inside the outline the image is untouched
