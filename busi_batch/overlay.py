@@ -20,7 +20,7 @@ def to_display_bgr(image: np.ndarray) -> np.ndarray:
 def draw_outline(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], thickness: int) -> None:
     """Draw the external contours of a binary mask onto ``canvas`` in place."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, colour, thickness, lineType=cv2.LINE_AA)
+    cv2.drawContours(canvas, contours, -1, colour, thickness, lineType=cv2.LINE_8)
 
 
 def outline_overlay(
