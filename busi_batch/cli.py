@@ -96,6 +96,37 @@ def run(
     raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
 
 
+@app.command()
+def bench(
+    study: Optional[Path] = typer.Argument(None, help="Folder to measure on (default: a synthetic study)."),
+    synthetic: int = typer.Option(200, help="Images in the synthetic study when STUDY is not given."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: the shipped model)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes."),
+    baseline_limit: Optional[int] = typer.Option(None, help="Time the baseline on the first N images only."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+) -> None:
+    """Measure images/s of `run` against the one-image-at-a-time baseline, to choose --batch-size and --workers.
+
+    Example: busi-batch bench --synthetic 300 --batch-size 16 --workers 2 --json bench.json
+    """
+    from .bench import benchmark, write_json
+
+    _configure_logging(quiet=True)
+    try:
+        result = benchmark(study, synthetic, weights, device, batch_size, workers, baseline_limit)
+    except UsageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from err
+    except BusiBatchError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_FATAL) from err
+    typer.echo(result.table())
+    if json_out is not None:
+        write_json(result, json_out)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
