@@ -1,0 +1,221 @@
+"""Training code on tiny synthetic data: cache preparation, losses, augmentation, a short fit, export + evaluate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from busi_batch.classes import CLASS_NAMES  # noqa: E402
+from busi_batch.model import load_model  # noqa: E402
+from train.augment import augment_pair, build_augment  # noqa: E402
+from train.calibrate import fit_temperature  # noqa: E402
+from train.fit import DEFAULTS, EMA, fit, lr_factor, merge, select_folds  # noqa: E402
+from train.losses import ClassificationLoss, SegmentationLoss, class_weights, soft_dice_loss  # noqa: E402
+from train.prepare import delta_decode, delta_encode, load_cache, prepare, save_cache  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- fake BUSI
+def _write(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+
+
+def make_fake_busi(root: Path, per_class: int = 4) -> Path:
+    """BUSI layout with varied sizes, one colour image, one lesion split over ``_mask`` and ``_mask_1``."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASS_NAMES):
+        for k in range(1, per_class + 1):
+            h, w = 40 + 4 * k, 48 + 2 * c
+            image = (rng.random((h, w)) * 120).astype(np.uint8)
+            mask = np.zeros((h, w), dtype=np.uint8)
+            if name != "normal":
+                mask[10 : 10 + 8 * c, 12:30] = 255
+                image[mask > 0] = 220
+            stem = root / name / f"{name} ({k})"
+            if name == "malignant" and k == 1:
+                image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+            if name == "benign" and k == 1:  # lesion in two files: the cache must hold their union
+                second = np.zeros_like(mask)
+                second[30:38, 5:15] = 255
+                _write(stem.parent / f"{stem.name}_mask_1.png", second)
+            _write(stem.parent / f"{stem.name}.png", image)
+            _write(stem.parent / f"{stem.name}_mask.png", mask)
+    (root / "curated_subset_aumente2024.csv").write_text("class;id\nbenign;1\nbenign;2\nmalignant;3\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fake_busi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fake_busi(tmp_path_factory.mktemp("busi"))
+
+
+def test_prepare_shapes_labels_and_union_masks(fake_busi: Path, tmp_path: Path) -> None:
+    arrays = prepare(fake_busi, 32)
+    n = 3 * 4
+    assert arrays["images"].shape == (n, 32, 32) and arrays["images"].dtype == np.uint8
+    assert arrays["masks"].shape == (n, 32, 32) and set(np.unique(arrays["masks"])) <= {0, 1}
+    rel = arrays["rel"].tolist()
+    labels = dict(zip(rel, arrays["labels"].tolist()))
+    assert labels["normal/normal (1).png"] == 0 and labels["benign/benign (2).png"] == 1
+    assert labels["malignant/malignant (1).png"] == 2
+    masks = dict(zip(rel, arrays["masks"]))
+    assert not masks["normal/normal (3).png"].any()
+    union = masks["benign/benign (1).png"]
+    single = masks["benign/benign (2).png"]
+    assert union[23:27, 4:9].all() and not single[23:27, 4:9].any()  # the _mask_1 lesion is in the union
+    path = tmp_path / "cache.npz"
+    save_cache(path, arrays)
+    loaded = load_cache(path)
+    for key in ("images", "masks", "labels", "rel"):
+        assert np.array_equal(loaded[key], arrays[key])
+
+
+def test_delta_coding_is_lossless() -> None:
+    images = np.random.default_rng(3).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    assert np.array_equal(delta_decode(delta_encode(images)), images)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_dice_loss_perfect_and_disjoint() -> None:
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:10, 4:10] = 1
+    perfect = (target * 2 - 1) * 30
+    assert soft_dice_loss(perfect, target).item() < 1e-3
+    disjoint = (1 - target * 2) * 30
+    assert soft_dice_loss(disjoint, target).item() > 0.99
+
+
+def test_segmentation_loss_accepts_empty_masks() -> None:
+    empty = torch.zeros(2, 1, 8, 8)
+    loss = SegmentationLoss(pos_weight=2.0)
+    assert loss(torch.full_like(empty, -30.0), empty).item() < 1e-3  # "no lesion" predicted on a normal image
+    assert loss(torch.full_like(empty, 5.0), empty).item() > 1.0  # lesion predicted where there is none
+
+
+def test_cross_entropy_with_smoothing_and_weights() -> None:
+    labels = torch.tensor([0, 1, 2])
+    confident = torch.eye(3) * 30
+    assert ClassificationLoss(label_smoothing=0.0)(confident, labels).item() < 1e-6
+    smoothed = ClassificationLoss(label_smoothing=0.1)(confident, labels).item()
+    assert smoothed > 0.1  # smoothing penalises over-confidence
+    assert ClassificationLoss(label_smoothing=0.1)(torch.eye(3) * 3, labels).item() < smoothed
+    weights = class_weights([0, 1, 1, 1, 1, 2, 2], 3)
+    assert math.isclose(weights.mean().item(), 1.0, rel_tol=1e-6)
+    assert weights[0] > weights[2] > weights[1]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_augment_keeps_shape_binary_mask_and_is_seeded() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[20:40, 20:40] = 1
+    out = [augment_pair(build_augment(seed=7), image, mask) for _ in range(2)]
+    for im, m in out:
+        assert im.shape == (64, 64) and im.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+    assert np.array_equal(out[0][0], out[1][0])
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    assert lr_factor(0, 100, 10, 0.02) == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, 0.02) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.02) == pytest.approx(0.02)
+    # a slow machine: half the time budget used after a fifth of the steps -> the cosine is at its midpoint
+    assert lr_factor(28, 100, 10, 0.0, time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_factor(50, 100, 10, 0.02, time_fraction=1.5) == pytest.approx(0.02)
+
+
+def test_ema_moves_towards_the_model_including_bn_buffers() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    ema = EMA(model, decay=0.5, warmup=1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    before = ema.model[0].weight.clone()
+    ema.update(model)
+    assert torch.allclose(ema.model[0].weight, before + 0.5)
+    assert torch.allclose(ema.model[1].running_mean, torch.full((2,), 1.0))
+
+
+def test_fold_selection_never_includes_test_or_excluded(fake_busi: Path) -> None:
+    arrays = prepare(fake_busi, 32)
+    split = fake_split(arrays["rel"])
+    data = select_folds(arrays, split, "0")
+    assert data.train_labels.size == int(split["fold"].isin(["1", "2", "3", "4"]).sum()) == 5
+    assert sorted(data.val_rel) == sorted(split.loc[split["fold"] == "0", "image"])
+    held_out = split["fold"].isin(["test", "excluded"]).to_numpy()
+    held_out_images = arrays["images"][held_out]
+    for image in data.train_images:  # images are distinct noise, so equality identifies the file
+        assert not any(np.array_equal(image, other) for other in held_out_images)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def fake_split(rel: np.ndarray) -> pd.DataFrame:
+    """Image k of each class: 1 -> test, 2 -> validation, 3 -> train, 4 -> train; one excluded."""
+    folds = []
+    for r in rel:
+        k = int(r.split("(")[1].split(")")[0])
+        folds.append({1: "test", 2: "0", 3: "1", 4: "2"}[k])
+    split = pd.DataFrame({"image": rel, "class": [r.split("/")[0] for r in rel], "group": rel, "fold": folds})
+    split.loc[split["image"] == "benign/benign (4).png", "fold"] = "excluded"
+    return split
+
+
+def tiny_config(data: Path, split_csv: Path) -> dict:
+    config = merge(DEFAULTS, {
+        "data": str(data), "split": str(split_csv), "cache": "unused", "size": 32, "batch_size": 2,
+        "eval_batch_size": 4, "threads": 1, "model": {"base_width": 4, "depth": 3},
+        "phases": {"seg": {"epochs": 1}, "joint": {"epochs": 1}},
+        "ema": {"decay": 0.9, "warmup": 1},
+    })
+    return copy.deepcopy(config)
+
+
+def test_tiny_fit_then_export_and_evaluate(fake_busi: Path, tmp_path: Path) -> None:
+    from train.export import export
+
+    arrays = prepare(fake_busi, 32)
+    split = fake_split(arrays["rel"])
+    split_csv = tmp_path / "split.csv"
+    split.to_csv(split_csv, index=False)
+    run = tmp_path / "run"
+    result = fit(tiny_config(fake_busi, split_csv), run, arrays=arrays, split=split)
+    assert result.epochs_done == 2 and result.best_epoch == 2
+    log = pd.read_csv(run / "log.csv")
+    assert log["phase"].tolist() == ["seg", "joint"]
+    assert np.isfinite(log[["train_loss", "train_seg_loss", "train_cls_loss"]].to_numpy()).all()
+    for name in ("best.pt", "last.pt", "config.yaml", "git_commit.txt", "summary.json", "val_logits.npz"):
+        assert (run / name).is_file(), name
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    with np.load(run / "val_logits.npz") as val:
+        assert val["logits"].shape == (3, 3) and sorted(val["labels"].tolist()) == [0, 1, 2]
+
+    card = export(run, "tiny_v1", weights_dir=tmp_path / "weights", data=fake_busi, n_boot=20)
+    loaded = load_model(tmp_path / "weights" / "tiny_v1.pt")  # sha256 still matches after the card rewrite
+    saved = json.loads((tmp_path / "weights" / "tiny_v1.json").read_text())
+    assert saved["metrics"]["classification"]["n_images"] == 3  # the three test images, nothing else
+    assert saved["metrics"]["segmentation"]["n_images"] == 3
+    assert saved["metrics"]["curated_subset"]["classification"]["n_images"] == 1  # benign 1: curated and test
+    assert card.temperature > 0 and loaded.card.weights_sha256 == card.weights_sha256
+    assert "ece_before" in saved["extra"]["calibration"]
+
+
+def test_fit_temperature_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 3)) * 2
+    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in probs])
+    calibration = fit_temperature(true_logits * 2.5, labels)  # over-confident by a factor 2.5
+    assert calibration.temperature == pytest.approx(2.5, rel=0.15)
+    assert calibration.nll_after <= calibration.nll_before

@@ -1,0 +1,170 @@
+"""Held-out test metrics of a checkpoint, at each image's native resolution, through the production path.
+
+Images go through ``busi_batch.inference.predict`` (decode -> preprocess -> forward, temperature applied), the
+lesion probability is resized to the image's own size and binarised with the card's threshold
+(``busi_batch.postprocess``), and scored with ``busi_batch.metrics``: the numbers are what ``busi-batch run``
+would report on the same images, not cache-resolution proxies.
+
+Reported on the split's ``test`` fold, and on the test images that are also in the curated, redundancy-free
+subset of Aumente-Maestro et al. (``curated_subset_aumente2024.csv``), key ``curated_subset``.
+
+    python -m train.evaluate --weights busi_batch/weights/busi_unet_v1.pt --data ../shared/data/busi \
+        --split train/splits/busi_v1.csv [--tta] [--out metrics.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from busi_batch import metrics
+from busi_batch.classes import CLASS_NAMES, class_index
+from busi_batch.discover import ImageItem, discover
+from busi_batch.imageio import atomic_write_text
+from busi_batch.inference import Prediction, predict
+from busi_batch.model import LoadedModel, load_model, sha256_file
+from busi_batch.postprocess import binarise, probability_to_size
+
+from .split import TEST, load_split
+
+_NUMBER = re.compile(r"\((\d+)\)")
+
+
+@dataclass
+class ImageScore:
+    """What the metrics need from one image."""
+
+    rel: str
+    true_class: int
+    probabilities: np.ndarray
+    dice: float
+    iou: float
+    truth_has_lesion: bool
+    pred_has_lesion: bool
+
+
+def score_prediction(item: ImageItem, pred: Prediction, threshold: float) -> ImageScore:
+    """Full-size binary mask from the prediction, compared with the item's ground truth (the CLI's rule)."""
+    if pred.error is not None or pred.truth_mask is None:
+        raise RuntimeError(f"{item.rel}: {pred.error or pred.truth_error or 'no ground-truth mask'}")
+    mask = binarise(probability_to_size(pred.lesion_probability, pred.height, pred.width), threshold)
+    truth = pred.truth_mask
+    return ImageScore(
+        rel=item.rel,
+        true_class=class_index(item.true_class or ""),
+        probabilities=np.asarray(pred.probabilities, dtype=float),
+        dice=metrics.dice_score(mask, truth),
+        iou=metrics.iou_score(mask, truth),
+        truth_has_lesion=bool(truth.any()),
+        pred_has_lesion=bool(mask.any()),
+    )
+
+
+def score_items(
+    loaded: LoadedModel, items: list[ImageItem], tta: bool = False, batch_size: int = 16, workers: int = 0
+) -> list[ImageScore]:
+    threshold = loaded.card.threshold
+    preds = predict(loaded, items, batch_size=batch_size, workers=workers, tta=tta)
+    return [score_prediction(items[p.index], p, threshold) for p in preds]
+
+
+def summarise(scores: list[ImageScore], n_boot: int = 1000) -> dict[str, Any]:
+    """The ``metrics.json`` schema of ``busi-batch run``: definitions, classification, segmentation."""
+    probs = np.stack([s.probabilities for s in scores])
+    return {
+        "definitions": (metrics.__doc__ or "").strip(),
+        "classification": metrics.classification_metrics(
+            [s.true_class for s in scores], probs.argmax(axis=1).tolist(), probs, CLASS_NAMES, n_boot=n_boot
+        ),
+        "segmentation": metrics.segmentation_metrics(
+            [s.dice for s in scores], [s.iou for s in scores],
+            [s.truth_has_lesion for s in scores], [s.pred_has_lesion for s in scores],
+        ),
+    }
+
+
+def curated_names(csv_path: Path) -> set[str]:
+    """``class/class (id).png`` for every row of ``curated_subset_aumente2024.csv`` (``;``-separated class;id)."""
+    table = pd.read_csv(csv_path, sep=";", dtype=str)
+    return {f"{c.strip()}/{c.strip()} ({int(i)}).png" for c, i in zip(table["class"], table["id"])}
+
+
+def test_items(data: Path, split: pd.DataFrame) -> list[ImageItem]:
+    """The discovered images whose split fold is ``test``; every test row must exist on disk."""
+    wanted = set(split.loc[split["fold"] == TEST, "image"])
+    items = [item for item in discover(data).items if item.rel in wanted]
+    missing = wanted - {item.rel for item in items}
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} test images not found under {data} (first: {sorted(missing)[0]})")
+    return items
+
+
+def evaluate(
+    weights: Path, data: Path, split_path: Path, tta: bool = False, n_boot: int = 1000, workers: int = 0
+) -> dict[str, Any]:
+    """Metrics on the test fold, plus ``curated_subset`` and an ``evaluation`` block saying what was measured."""
+    loaded = load_model(weights)
+    split = load_split(split_path)
+    items = test_items(Path(data), split)
+    scores = score_items(loaded, items, tta=tta, workers=workers)
+    result = summarise(scores, n_boot)
+    curated_csv = Path(data) / "curated_subset_aumente2024.csv"
+    if curated_csv.is_file():
+        keep = curated_names(curated_csv)
+        curated = [s for s in scores if s.rel in keep]
+        if curated:
+            result["curated_subset"] = summarise(curated, n_boot)
+    result["evaluation"] = {
+        "portion": "test fold of the split (never used for training, model selection or calibration)",
+        "split_file": split_path.name,
+        "split_sha256": sha256_file(split_path),
+        "weights_sha256": loaded.sha256,
+        "resolution": "native (lesion probability resized to each image, binarised at the card threshold)",
+        "threshold": loaded.card.threshold,
+        "temperature": loaded.card.temperature,
+        "tta": tta,
+    }
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """A compact console table: one line per evaluated portion."""
+    columns = ("dice", "iou", "acc", "f1w", "mcc", "sens_m", "fpr_n")
+    lines = [f"{'portion':16s} {'n':>4s} " + " ".join(f"{c:>6s}" for c in columns)]
+    for name, block in (("test", result), ("curated_subset", result.get("curated_subset"))):
+        if not block:
+            continue
+        c, s = block["classification"], block["segmentation"]
+        fpr = s["false_positive_rate_normal"]
+        lines.append(
+            f"{name:16s} {c['n_images']:4d} {s['dice_mean']:6.3f} {s['iou_mean']:6.3f} {c['accuracy']:6.3f} "
+            f"{c['f1_weighted']:6.3f} {c['mcc']:6.3f} {c['per_class']['malignant']['sensitivity']:6.3f} "
+            f"{'  n/a' if fpr is None else f'{fpr:6.3f}'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v1.pt"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/busi"))
+    parser.add_argument("--split", type=Path, default=Path("train/splits/busi_v1.csv"))
+    parser.add_argument("--tta", action="store_true", help="also run the horizontally flipped image")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+    args = parser.parse_args(argv)
+    result = evaluate(args.weights, args.data, args.split, tta=args.tta, workers=args.workers)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
