@@ -65,6 +65,15 @@ def run(
     ),
     force: bool = typer.Option(False, "--force", help="Redo every image, even unchanged ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line (errors still)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", metavar="I/N",
+        help="Process only shard I of N (1..N; by a hash of each image's path: stable across runs and machines). "
+        "One output folder per shard, then busi-batch merge.",
+    ),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="Also render a report (.pdf or .html) from the finished output folder."
+    ),
+    report_pages: str = typer.Option("all", "--report-pages", help="Per-image report pages: all, flagged or none."),
 ) -> None:
     """Segment and classify every image under STUDY; write masks, predictions.csv, run.json (and metrics.json).
 
@@ -73,14 +82,18 @@ def run(
     Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal, 4 interrupted.
     """
     from .pipeline import RunConfig, RunInterrupted, run as run_pipeline
+    from .report import validate_report_options
+    from .shard import Shard
 
     _configure_logging(quiet)
-    config = RunConfig.for_study(
-        study, out, weights=weights, labels=labels, masks=masks, device=device, batch_size=batch_size,
-        workers=workers, tta=tta, pixel_size_mm=pixel_size, force=force,
-        progress=not quiet and sys.stderr.isatty(),
-    )
     try:
+        config = RunConfig.for_study(
+            study, out, weights=weights, labels=labels, masks=masks, device=device, batch_size=batch_size,
+            workers=workers, tta=tta, pixel_size_mm=pixel_size, force=force,
+            progress=not quiet and sys.stderr.isatty(), shard=Shard.parse(shard) if shard is not None else None,
+        )
+        if report is not None:
+            validate_report_options(report, report_pages)
         summary = run_pipeline(config)
     except UsageError as err:
         typer.echo(f"error: {err}", err=True)
@@ -93,6 +106,83 @@ def run(
         raise typer.Exit(EXIT_FATAL) from err
     if not quiet:
         typer.echo(summary.line(), err=True)
+    if report is not None:
+        _render_report(summary.out, report, report_pages, quiet, usage_exit=EXIT_FATAL)
+    raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
+
+
+def _render_report(run_dir: Path, target: Path, pages: str, quiet: bool, usage_exit: int) -> None:
+    """Render a report; a failure is one line on stderr and an exit (after a run, even a usage problem is fatal)."""
+    from .report import render_report
+
+    for noisy in ("weasyprint", "fontTools"):  # their progress and font-subsetting chatter is not ours to show
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        result = render_report(run_dir, target, pages=pages)
+    except UsageError as err:
+        typer.echo(f"error: report: {err}", err=True)
+        raise typer.Exit(usage_exit) from err
+    except BusiBatchError as err:
+        typer.echo(f"error: report: {err}", err=True)
+        raise typer.Exit(EXIT_FATAL) from err
+    if not quiet:
+        pages_text = f", {result.total_pages} pages" if result.total_pages else ""
+        typer.echo(f"busi-batch: report ({result.image_pages} image pages{pages_text}) -> {result.path}", err=True)
+
+
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A finished output folder of `busi-batch run`."),
+    report: Path = typer.Option(..., "--report", help="Report file to write: .pdf or .html."),
+    report_pages: str = typer.Option("all", "--report-pages", help="Per-image pages: all, flagged or none."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No closing line (errors still)."),
+) -> None:
+    """Render the report of a finished run from its output folder, without running the model again.
+
+    Example: busi-batch report ./study-results --report study-report.pdf --report-pages flagged
+
+    Exit codes: 0 written, 2 usage error, 1 fatal (not a run folder, not writable).
+    """
+    _configure_logging(quiet)
+    _render_report(run_dir, report, report_pages, quiet, usage_exit=EXIT_USAGE)
+    raise typer.Exit(EXIT_OK)
+
+
+@app.command()
+def merge(
+    folders: list[Path] = typer.Argument(..., help="Output folders of `busi-batch run --shard I/N` (all N of them)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged output folder (CSV, masks, metrics.json, run.json)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No closing line (errors still)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also render a report (.pdf or .html) of the whole."),
+    report_pages: str = typer.Option("all", "--report-pages", help="Per-image report pages: all, flagged or none."),
+) -> None:
+    """Combine shard output folders into one, as a single run of the whole study would have written it.
+
+    Refuses folders made by different models or settings, unfinished runs, missing or repeated shards, and
+    images present twice.
+
+    Example: busi-batch merge results-1 results-2 results-3 results-4 --out results --report results.pdf
+
+    Exit codes: 0 merged, 3 merged but some images have status=error, 2 usage error, 1 cannot merge.
+    """
+    from .merge import merge_outputs
+    from .report import validate_report_options
+
+    _configure_logging(quiet)
+    try:
+        if report is not None:
+            validate_report_options(report, report_pages)
+        summary = merge_outputs(folders, out)
+    except UsageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from err
+    except BusiBatchError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_FATAL) from err
+    if not quiet:
+        typer.echo(summary.line(), err=True)
+    if report is not None:
+        _render_report(summary.out, report, report_pages, quiet, usage_exit=EXIT_FATAL)
     raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
 
 
@@ -125,6 +215,37 @@ def bench(
     typer.echo(result.table())
     if json_out is not None:
         write_json(result, json_out)
+
+
+@app.command()
+def demo(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: the shipped model)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    pixel_size: Optional[float] = typer.Option(
+        None, "--pixel-size", help="Pixel size in mm; the page then shows the lesion area in mm² too."
+    ),
+) -> None:
+    """Serve the interactive web demo: upload one image, see its class, lesion mask and outline.
+
+    Needs the optional demo extra (Gradio); exits 1 with the command that installs it when it is missing.
+    Nothing leaves the machine: no analytics, no share link.
+
+    Example: busi-batch demo --port 7860
+    """
+    from .demo import DemoConfig, serve
+
+    _configure_logging(quiet=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes of its local URL
+    try:
+        serve(DemoConfig(host=host, port=port, weights=weights, device=device, pixel_size_mm=pixel_size))
+    except UsageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from err
+    except BusiBatchError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_FATAL) from err
 
 
 def main() -> None:

@@ -1,19 +1,36 @@
-"""The one orchestrator: discover -> infer -> post-process -> write -> evaluate, with resume and locking.
+"""The one orchestrator: discover -> infer -> post-process -> write -> evaluate, with resume, locking and shards.
 
-Every write into the output folder happens here (through ``imageio``'s atomic writers). ``predictions.csv`` is
-rewritten whole every few hundred images and at the end, so a run killed at any moment leaves a valid CSV,
-valid masks, and a next run that only does what is missing.
+Every write into the output folder happens here (through ``imageio``'s atomic writers), under an exclusive lock
+on the folder. What a run killed at any moment (SIGKILL, power cut of the process) leaves behind is valid:
 
-Resume rule: an image is skipped when the previous CSV has an ``ok`` row for it whose ``input_sha256`` (content
+* each mask file is written whole or not at all (temporary file + rename); stray temporaries from a killed
+  write are deleted by the next run;
+* each finished batch's rows are appended to ``.predictions.journal`` (JSON lines; a torn last line is
+  skipped), and ``predictions.csv`` is rewritten whole every 30 seconds and at the end; the next run reads the
+  CSV, then the journal on top of it, and only does what is missing;
+* ``run.json`` says ``"status": "running"`` from the start of the inference, and ``complete``, ``interrupted``
+  or ``failed`` at the end, so a folder left by a killed run is recognisable (``merge`` refuses it).
+
+Resume rule: an image is skipped when the previous rows hold an ``ok`` row for it whose ``input_sha256`` (content
 hash, not modification time), ``model_sha256`` and ``settings`` (TTA, threshold) match, and its mask file exists.
-Rows of images that are no longer in the study are dropped from the CSV (and counted in ``run.json``).
+Rows of images that are no longer in the study (or the shard) are dropped with their mask files (and counted in
+``run.json``, ``removed_since_last_run``): the folder always describes the study as it is now.
+
+SIGTERM / SIGINT set a flag; the loop finishes the batch in hand, writes everything, and raises
+``RunInterrupted``. The DataLoader's decoding workers are started with both signals blocked, so a signal sent
+to the whole process group (Ctrl-C in a terminal, ``systemctl stop``, Slurm at the time limit) stops the run
+through its main process instead of killing a worker mid-batch; the workers then leave through the DataLoader's
+normal shutdown. A fatal error mid-run (a full disk) saves what was done, marks ``run.json`` failed, and raises.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import hashlib
+import itertools
+import json
 import logging
 import os
 import platform
@@ -21,10 +38,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +52,18 @@ from tqdm import tqdm
 from . import __version__, metrics
 from .classes import CLASS_NAMES, class_index
 from .discover import ImageItem, Study, discover
-from .errors import BusiBatchError, ImageDecodeError, UsageError
-from .imageio import decode_image, encode_mask_png, atomic_write_bytes, load_truth_mask, read_bytes
+from .errors import BusiBatchError, ImageDecodeError, OutputWriteError, UsageError
+from .imageio import (
+    append_bytes, atomic_write_bytes, decode_image, encode_mask_png, load_truth_mask, read_bytes, remove_temp_files,
+)
 from .inference import Prediction, predict, select_device
 from .model import LoadedModel, load_model
 from .postprocess import area_mm2, binarise, lesion_area, lesion_count, probability_to_size
-from .records import STATUS_ERROR, STATUS_OK, ImageResult, read_results_csv, write_json, write_results_csv
+from .records import (
+    STATUS_ERROR, STATUS_OK, ImageResult, as_written, journal_lines, printable, read_journal, read_results_csv,
+    write_json, write_results_csv,
+)
+from .shard import Shard
 
 log = logging.getLogger("busi_batch")
 
@@ -48,9 +71,17 @@ CSV_NAME = "predictions.csv"
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 LOCK_NAME = ".busi-batch.lock"
+JOURNAL_NAME = ".predictions.journal"
 MASKS_DIR = "masks"
-FLUSH_EVERY_IMAGES = 256
+#: ``predictions.csv`` is rewritten whole this often during a run (for whoever reads it meanwhile); the journal,
+#: not the CSV, is what makes each finished batch survive a kill, so this costs O(n) per 30 s, not per batch.
 FLUSH_EVERY_SECONDS = 30.0
+#: Longest file name most file systems take (bytes); longer mask names are shortened with a hash.
+NAME_MAX = 255
+#: OS errors on one mask file that are about that file's name, not the output folder: a row error, not fatal.
+_PER_FILE_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
+
+STATUS_RUNNING, STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_FAILED = "running", "complete", "interrupted", "failed"
 
 
 class RunInterrupted(BusiBatchError):
@@ -73,6 +104,7 @@ class RunConfig:
     pixel_size_mm: float | None = None
     force: bool = False
     progress: bool = False
+    shard: Shard | None = None
 
     @classmethod
     def for_study(cls, study: Path, out: Path | None = None, **options: Any) -> "RunConfig":
@@ -97,14 +129,16 @@ class RunSummary:
     seconds: float = 0.0
     metrics: dict[str, Any] | None = None
     error_rows: list[tuple[str, str]] = field(default_factory=list)
+    shard: Shard | None = None
 
     @property
     def failed(self) -> bool:
         return self.errors > 0
 
     def line(self) -> str:
+        where = f" in shard {self.shard}" if self.shard else ""
         text = (
-            f"busi-batch: {self.found} images, {self.ok} ok, {self.errors} errors "
+            f"busi-batch: {self.found} images{where}, {self.ok} ok, {self.errors} errors "
             f"({self.processed} processed, {self.skipped} unchanged and skipped) in {self.seconds:.1f} s -> {self.out}"
         )
         if self.metrics:
@@ -141,19 +175,30 @@ def validate_paths(config: RunConfig) -> tuple[Path, Path]:
 
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the output folder; the kernel drops it when a crashed run dies."""
+    """An exclusive ``flock`` on the output folder; the kernel drops it when a crashed run dies.
+
+    The lock file keeps the holder's pid, host and start time, for the second run's message; a stale text
+    left by a killed run is harmless, because the lock itself went with the process.
+    """
     path = out / LOCK_NAME
-    fh = open(path, "a+")
+    try:
+        fh = open(path, "a+")
+    except OSError as err:
+        raise BusiBatchError(f"{path}: cannot create the lock file: {err.strerror or err}") from err
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            owner = fh.read().strip() or "another process"
-            raise BusiBatchError(f"{out}: another busi-batch run is using this output folder ({owner})") from None
+            owner = " ".join(fh.read().split()) or "another process"
+            raise BusiBatchError(
+                f"{out}: another busi-batch run is using this output folder ({owner}); "
+                "wait for it to finish, or use another --out"
+            ) from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {platform.node()}")
+        since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        fh.write(f"pid {os.getpid()} on {platform.node()} since {since}")
         fh.flush()
         yield
     finally:
@@ -165,6 +210,10 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     @contextmanager
     def installed(self) -> Iterator["_StopFlag"]:
@@ -185,8 +234,32 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block SIGTERM / SIGINT in this thread while DataLoader workers are forked: they inherit the mask.
+
+    Without it a signal sent to the process group kills the workers (PyTorch's worker SIGTERM handler exits
+    unless the parent sent it), and the main process fails mid-batch with "DataLoader worker ... killed". A
+    signal that arrives meanwhile is only deferred: it is delivered to the main process when the mask is
+    restored. (Fork start method, Linux's default before Python 3.14; the RuntimeError fallback in
+    ``_infer_and_write`` covers the others.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def mask_relpaths(items: list[ImageItem]) -> dict[str, str]:
-    """``masks/<rel without extension>_mask.png``; if two images differ only by extension, keep it in the name."""
+    """``masks/<rel without extension>_mask.png``; if two images differ only by extension, keep it in the name.
+
+    Computed over the whole study, before any sharding, so a mask's name never depends on the shard. A name
+    longer than the file system takes (255 bytes) is cut and made unique with a hash of the full path.
+    """
     stems: dict[str, int] = {}
     for item in items:
         stem = os.path.splitext(item.rel)[0]
@@ -195,8 +268,21 @@ def mask_relpaths(items: list[ImageItem]) -> dict[str, str]:
     for item in items:
         stem = os.path.splitext(item.rel)[0]
         base = stem if stems[stem] == 1 else item.rel
-        result[item.rel] = f"{MASKS_DIR}/{base}_mask.png"
+        result[item.rel] = f"{MASKS_DIR}/{_fit_name(base)}_mask.png"
     return result
+
+
+def _fit_name(base: str) -> str:
+    """``dir/name`` with ``name`` shortened, if needed, so that ``name + "_mask.png"`` fits in NAME_MAX bytes."""
+    folder, name = os.path.split(base)
+    suffix = "_mask.png"
+    raw = name.encode("utf-8", errors="surrogateescape")
+    if len(raw) + len(suffix) <= NAME_MAX:
+        return base
+    digest = hashlib.sha1(base.encode("utf-8", errors="surrogateescape")).hexdigest()[:16]
+    keep = raw[: NAME_MAX - len(suffix) - len(digest) - 1].decode("utf-8", errors="ignore")
+    short = f"{keep}~{digest}"
+    return f"{folder}/{short}" if folder else short
 
 
 def file_sha256(path: Path) -> str | None:
@@ -211,14 +297,46 @@ def settings_key(loaded: LoadedModel, tta: bool) -> str:
     return f"threshold={loaded.card.threshold:g};tta={int(tta)}"
 
 
-def _previous_rows(csv_path: Path) -> dict[str, ImageResult]:
-    if not csv_path.is_file():
-        return {}
+def _previous_rows(out: Path) -> dict[str, ImageResult]:
+    """The last known row per image: ``predictions.csv``, then the journal of a run that did not finish."""
+    rows: dict[str, ImageResult] = {}
+    csv_path = out / CSV_NAME
+    if csv_path.is_file():
+        try:
+            rows = {row.image: row for row in read_results_csv(csv_path)}
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("%s: previous results unreadable (%s); every image is redone", csv_path, err)
     try:
-        return {row.image: row for row in read_results_csv(csv_path)}
-    except (OSError, ValueError, TypeError) as err:
-        log.warning("%s: previous results unreadable (%s); every image is redone", csv_path, err)
-        return {}
+        journal = read_journal(out / JOURNAL_NAME)
+    except OSError as err:
+        log.warning("%s: unreadable (%s); the images it recorded are redone", out / JOURNAL_NAME, err)
+        journal = []
+    for row in journal:
+        rows[row.image] = row
+    return rows
+
+
+def _previous_shard(out: Path) -> str | None:
+    """The ``shard`` recorded in an existing ``run.json`` (None: unsharded, or no readable run.json)."""
+    try:
+        data = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    shard = data.get("shard") if isinstance(data, dict) else None
+    return str(shard) if shard else None
+
+
+def check_shard_matches(out: Path, shard: Shard | None, has_rows: bool, force: bool) -> None:
+    """Refuse to reuse a folder holding another shard's results: its rows would be dropped as 'removed'."""
+    if force or not has_rows:
+        return
+    before, now = _previous_shard(out), (str(shard) if shard else None)
+    if before != now:
+        raise UsageError(
+            f"{out} holds the results of {'shard ' + before if before else 'an unsharded run'}, "
+            f"this run is {'shard ' + now if now else 'unsharded'}: use one output folder per shard "
+            "(then busi-batch merge), or --force to replace them"
+        )
 
 
 def plan_work(
@@ -282,7 +400,7 @@ def evaluate_row(row: ImageResult, item: ImageItem, out: Path) -> ImageResult:
         truth = load_truth_mask(item.truth_masks, predicted.shape[:2])
     except ImageDecodeError as err:
         row.truth_error = str(err)
-        log.warning("%s: ground truth not used: %s", item.rel, err)
+        log.warning("%s: ground truth not used: %s", printable(item.rel), err)
         return row
     row.truth_area_px = lesion_area(truth)
     row.dice = metrics.dice_score(predicted, truth)
@@ -326,46 +444,68 @@ def run(config: RunConfig) -> RunSummary:
     except OSError as err:
         raise BusiBatchError(f"{out}: cannot create output folder: {err.strerror or err}") from err
     with output_lock(out), _StopFlag().installed() as stop:
+        stale = remove_temp_files(out)
+        if stale:
+            log.info("%s: removed %d temporary files left by an interrupted write", out, stale)
         loaded = load_model(config.weights, device)
         t0 = time.time()
         study = discover(config.study, labels_csv=config.labels, masks_root=config.masks)
         for rel, reason in study.skipped:
-            log.warning("%s: skipped: %s", rel, reason)
+            log.warning("%s: skipped: %s", printable(rel), reason)
         masks = mask_relpaths(study.items)
+        items = config.shard.select(study.items) if config.shard else study.items
         settings = settings_key(loaded, config.tta)
-        previous = _previous_rows(out / CSV_NAME)
-        todo, kept = plan_work(study.items, previous, out, masks, loaded.sha256, settings, config.force)
-        removed = len(set(previous) - {i.rel for i in study.items})
+        previous = _previous_rows(out)
+        check_shard_matches(out, config.shard, bool(previous), config.force)
+        todo, kept = plan_work(items, previous, out, masks, loaded.sha256, settings, config.force)
+        current = {i.rel for i in items}
+        gone = [row for rel, row in previous.items() if rel not in current]
         for row in kept.values():
             row.lesion_area_mm2 = area_mm2(row.lesion_area_px or 0, config.pixel_size_mm)
         t_discover = time.time() - t0
 
-        summary = RunSummary(out=out, found=len(study.items), skipped=len(kept), removed=removed)
+        summary = RunSummary(out=out, found=len(items), skipped=len(kept), removed=len(gone), shard=config.shard)
         results: dict[str, ImageResult] = dict(kept)
+
+        def record(status: str, error: str = "", timings: dict[str, float] | None = None) -> None:
+            summary.seconds = time.time() - started
+            write_json(out / RUN_JSON, _provenance(
+                config, study, loaded, device, summary, start_iso, status, error,
+                timings or {"discover_s": t_discover, "total_s": summary.seconds},
+            ))
+
+        record(STATUS_RUNNING)  # from here on, a folder left by a killed run says so
+        _drop_removed(out, gone, items, masks)
         t0 = time.time()
-        interrupted = _infer_and_write(config, loaded, todo, masks, settings, out, results, stop)
+        try:
+            interrupted = _infer_and_write(config, loaded, todo, masks, settings, out, results, stop)
+        except BusiBatchError as err:
+            message = str(err)
+            _save_after_failure(out, items, results, summary, lambda: record(STATUS_FAILED, message))
+            raise
         t_infer = time.time() - t0
         summary.processed = len(results) - len(kept)
 
         t0 = time.time()
-        ordered = [results[i.rel] for i in study.items if i.rel in results]
-        by_rel = {i.rel: i for i in study.items}
+        ordered = [results[i.rel] for i in items if i.rel in results]
+        by_rel = {i.rel: i for i in items}
         with ThreadPoolExecutor(max_workers=2) as pool:
-            ordered = list(pool.map(lambda r: evaluate_row(r, by_rel[r.image], out), ordered))
+            ordered = list(pool.map(lambda r: as_written(evaluate_row(r, by_rel[r.image], out)), ordered))
         summary.metrics = compute_metrics(ordered)
         write_results_csv(out / CSV_NAME, ordered)
         if summary.metrics is not None:
             write_json(out / METRICS_JSON, summary.metrics)
+        else:
+            _remove(out / METRICS_JSON)  # left by an earlier run whose ground truth is gone: it would mislead
+        _remove(out / JOURNAL_NAME)  # every row it held is in the CSV now
         t_eval = time.time() - t0
 
-        summary.ok = sum(r.ok for r in ordered)
-        summary.error_rows = [(r.image, r.error) for r in ordered if not r.ok]
-        summary.errors = len(summary.error_rows)
-        summary.seconds = time.time() - started
-        write_json(out / RUN_JSON, _provenance(
-            config, study, loaded, device, summary, start_iso, interrupted,
-            {"discover_s": t_discover, "inference_s": t_infer, "evaluate_s": t_eval, "total_s": summary.seconds},
-        ))
+        _count(summary, ordered)
+        record(
+            STATUS_INTERRUPTED if interrupted else STATUS_COMPLETE, "",
+            {"discover_s": t_discover, "inference_s": t_infer, "evaluate_s": t_eval,
+             "total_s": time.time() - started},
+        )
         if interrupted:
             raise RunInterrupted(
                 f"stopped by {signal.Signals(stop.signal).name} after {summary.processed} images; "
@@ -374,51 +514,155 @@ def run(config: RunConfig) -> RunSummary:
         return summary
 
 
+def _drop_removed(out: Path, gone: list[ImageResult], items: list[ImageItem], masks: dict[str, str]) -> None:
+    """Delete the mask files of rows whose image is no longer in the study (or this shard).
+
+    Their rows are simply not carried over. A mask name that a current image uses is left alone (``a.png``
+    deleted, ``a.jpg`` kept: the same mask name).
+    """
+    in_use = {masks[i.rel] for i in items}
+    for row in gone:
+        mask = row.mask
+        if mask and mask not in in_use and mask.startswith(f"{MASKS_DIR}/") and ".." not in Path(mask).parts:
+            _remove(out / mask)
+    if gone:
+        log.info("%d images are no longer in the study: their rows and masks are dropped", len(gone))
+
+
+def _count(summary: RunSummary, rows: list[ImageResult]) -> None:
+    summary.ok = sum(r.ok for r in rows)
+    summary.error_rows = [(r.image, r.error) for r in rows if not r.ok]
+    summary.errors = len(summary.error_rows)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise OutputWriteError(f"{path}: cannot remove: {err.strerror or err}") from err
+
+
+def _save_after_failure(
+    out: Path, items: list[ImageItem], results: dict[str, ImageResult], summary: RunSummary, record: Any,
+) -> None:
+    """Best effort after a fatal error: the CSV of what was done, run.json marked failed.
+
+    Either may fail too (a full disk); the journal already holds every finished batch, so nothing done is lost.
+    """
+    rows = [results[i.rel] for i in items if i.rel in results]
+    summary.processed = len(results) - summary.skipped
+    _count(summary, rows)
+    for action in (lambda: write_results_csv(out / CSV_NAME, rows), record):
+        try:
+            action()
+        except BusiBatchError as err:
+            log.warning("could not save after the failure: %s", err)
+
+
 def _infer_and_write(
     config: RunConfig, loaded: LoadedModel, todo: list[ImageItem], masks: dict[str, str], settings: str,
     out: Path, results: dict[str, ImageResult], stop: _StopFlag,
 ) -> bool:
-    """Run the network over ``todo``, writing each mask and collecting rows; True if a signal stopped it."""
+    """Run the network over ``todo`` batch by batch, writing masks and rows; True if a signal stopped it.
+
+    The stop flag is looked at before the first batch and after each batch has been written whole (masks,
+    journal): "stops after the current batch" exactly, whatever the moment the signal came.
+    """
+    if stop.requested:
+        return True
     if not todo:
         return False
-    last_flush, since_flush = time.time(), 0
+    journal = out / JOURNAL_NAME
+    last_flush = time.time()
     progress = tqdm(total=len(todo), unit="img", disable=not config.progress, leave=False, dynamic_ncols=True)
+    predictions = predict(loaded, todo, batch_size=config.batch_size, workers=config.workers, tta=config.tta,
+                          with_truth=False)
     try:
-        for pred in predict(loaded, todo, batch_size=config.batch_size, workers=config.workers, tta=config.tta,
-                            with_truth=False):
-            item = todo[pred.index]
-            row, mask = result_from_prediction(item, pred, loaded, masks[item.rel], settings, config.pixel_size_mm)
-            if mask is not None:
-                atomic_write_bytes(out / row.mask, encode_mask_png(mask))
-            else:
-                log.warning("error: %s: %s", item.rel, row.error)
-            results[item.rel] = row
-            progress.update(1)
-            since_flush += 1
-            if since_flush >= FLUSH_EVERY_IMAGES or time.time() - last_flush > FLUSH_EVERY_SECONDS:
-                write_results_csv(out / CSV_NAME, sorted(results.values(), key=lambda r: r.image))
-                last_flush, since_flush = time.time(), 0
-            if stop.signal is not None and (pred.index + 1) % config.batch_size == 0:
-                return True
-        return stop.signal is not None
+        with closing(predictions):  # on any exit the DataLoader's workers are shut down now, not at GC time
+            with _stop_signals_blocked():  # the first next() forks the workers
+                first = next(predictions, None)
+            stream = itertools.chain([first] if first is not None else [], predictions)
+            for batch in _batches(stream, config.batch_size):
+                rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, out, config) for pred in batch]
+                for row in rows:
+                    results[row.image] = row
+                append_bytes(journal, journal_lines(rows))
+                progress.update(len(rows))
+                if time.time() - last_flush > FLUSH_EVERY_SECONDS:
+                    write_results_csv(out / CSV_NAME, sorted(results.values(), key=lambda r: r.image))
+                    last_flush = time.time()
+                if stop.requested:
+                    return True
+        return False
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        if stop.requested:  # the signal reached a worker after all (another start method): the stop still holds
+            log.warning("the stop signal also reached a decoding worker; the batch in hand may be incomplete")
+            return True
+        raise BusiBatchError(
+            f"a decoding worker process died ({' '.join(str(err).split())}); what was done is saved, "
+            "run again to resume (or use --workers 0)"
+        ) from err
     finally:
         progress.close()
 
 
+def _batches(predictions: Iterable[Prediction], size: int) -> Iterator[list[Prediction]]:
+    """``predict`` yields one image at a time from batches of ``size`` consecutive items: regroup them."""
+    iterator = iter(predictions)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _write_one(
+    item: ImageItem, pred: Prediction, loaded: LoadedModel, masks: dict[str, str], settings: str, out: Path,
+    config: RunConfig,
+) -> ImageResult:
+    """Mask file and row for one prediction. A name the output file system cannot take is this image's error."""
+    row, mask = result_from_prediction(item, pred, loaded, masks[item.rel], settings, config.pixel_size_mm)
+    if mask is not None:
+        try:
+            atomic_write_bytes(out / row.mask, encode_mask_png(mask))
+        except OutputWriteError as err:
+            cause = err.__cause__
+            if not (isinstance(cause, OSError) and cause.errno in _PER_FILE_ERRNOS):
+                raise
+            row = ImageResult(
+                image=item.rel, status=STATUS_ERROR, error=f"cannot write its mask: {cause.strerror or cause}",
+                input_sha256=row.input_sha256, model_sha256=row.model_sha256, settings=row.settings,
+            )
+    if not row.ok:
+        log.warning("error: %s: %s", printable(item.rel), row.error)
+    return row
+
+
 def _provenance(
     config: RunConfig, study: Study, loaded: LoadedModel, device: torch.device, summary: RunSummary,
-    start_iso: str, interrupted: bool, timings: dict[str, float],
+    start_iso: str, status: str, error: str, timings: dict[str, float],
 ) -> dict[str, Any]:
     card = loaded.card
     return {
         "tool": "busi-batch",
         "tool_version": __version__,
+        "status": status,
+        "error": error,
         "started": start_iso,
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "interrupted": interrupted,
+        "finished": (
+            None if status == STATUS_RUNNING else dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        ),
+        "interrupted": status == STATUS_INTERRUPTED,
+        "shard": str(config.shard) if config.shard else None,
+        "study_images": len(study.items),
+        "host": platform.node(),
         "input": str(config.study.resolve()),
         "output": str(summary.out),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "options": {
+            k: (str(v) if isinstance(v, (Path, Shard)) else v)
+            for k, v in ((f.name, getattr(config, f.name)) for f in fields(config))
+        },
         "model": {
             "name": card.name,
             "version": card.version,

@@ -2,6 +2,13 @@
 
 ``ImageResult``'s fields are exactly the CSV's columns, in order; the CSV is always rewritten whole and
 atomically, so a reader never sees half a row.
+
+Between two rewrites a run appends each finished batch's rows to a journal (JSON lines), so a run killed at any
+moment loses at most the batch in flight; the next run reads the CSV, then the journal on top of it.
+
+File names are kept exactly: a name that is not valid UTF-8 is written with its original bytes
+(``surrogateescape``), so the ``image`` column still opens the file. Readers other than this module should do
+the same (pandas: ``encoding_errors="surrogateescape"``).
 """
 
 from __future__ import annotations
@@ -73,12 +80,29 @@ def _parse(name: str, text: str) -> Any:
     return text
 
 
+def as_written(result: ImageResult) -> ImageResult:
+    """The row exactly as it reads back from the CSV (floats at the CSV's 6 significant digits).
+
+    Metrics are computed from rows in this form, so ``metrics.json`` is the same whether its rows were just
+    computed, kept from an earlier (interrupted) run or merged from shards: it can always be recomputed from
+    ``predictions.csv`` alone.
+    """
+    return ImageResult(**{c: _parse(c, _format(getattr(result, c))) for c in CSV_COLUMNS})
+
+
 def results_to_csv(results: list[ImageResult]) -> str:
+    """The CSV text: ``\\n`` line ends (friendly to cut/awk), minimal quoting.
+
+    Python's writer quotes a field holding ``\\n`` but not one holding a bare ``\\r`` when lines end in
+    ``\\n``; such a row (a file name with a carriage return) is written fully quoted, so it reads back intact.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(CSV_COLUMNS)
     for result in results:
-        writer.writerow([_format(getattr(result, c)) for c in CSV_COLUMNS])
+        fields = [_format(getattr(result, c)) for c in CSV_COLUMNS]
+        (quoted if any("\r" in f for f in fields) else writer).writerow(fields)
     return buffer.getvalue()
 
 
@@ -93,6 +117,47 @@ def read_results_csv(path: Path) -> list[ImageResult]:
         return [
             ImageResult(**{c: _parse(c, row.get(c) or "") for c in CSV_COLUMNS if c in row}) for row in reader
         ]
+
+
+def journal_lines(results: list[ImageResult]) -> bytes:
+    """Rows as JSON lines for the journal; lone surrogates (non-UTF-8 names) are escaped by ``json`` itself."""
+    return b"".join(
+        (json.dumps(dataclasses.asdict(r), ensure_ascii=True) + "\n").encode("ascii")
+        for r in results
+    )
+
+
+def read_journal(path: Path) -> list[ImageResult]:
+    """Rows of a journal in the order written; a torn last line (a killed writer) or a damaged line is skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
+        try:
+            record = json.loads(line)
+            rows.append(ImageResult(**{c: record[c] for c in CSV_COLUMNS}))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows
+
+
+def printable(name: str) -> str:
+    """A file name fit for a one-line message: control characters and undecodable bytes escaped, rest as is.
+
+    ``bad\\xff name.png`` for the bytes ``bad\xff name.png``; ``a\\nb.png`` for a name holding a newline.
+    """
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable() and not 0xD800 <= code <= 0xDFFF:
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape", errors="backslashreplace").decode("ascii"))
+    return "".join(out)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,0 +1,803 @@
+"""The run report: a summary and one page per image, as HTML or PDF, rendered from a finished output folder.
+
+The report reads only what a run wrote (``run.json``, ``predictions.csv``, ``metrics.json``, the masks) plus the
+input images and their ground-truth masks (found again by re-running discovery on the recorded input folder).
+It never loads the model, so ``busi-batch report RUN_DIR`` re-renders a report long after the run.
+
+HTML and PDF come from the same Jinja2 templates (``templates/``, shipped in the wheel as
+``busi_batch/templates``); the PDF is WeasyPrint with the print stylesheet, rendered in chunks across processes
+(``report_pdf``). Pictures are downscaled JPEG renditions written to ``OUT/report_assets`` (``report_assets``).
+
+Everything that decides what the report says (flags, counts, histograms, galleries) is a small pure function
+on ``ImageResult`` rows, tested directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import numpy as np
+
+from . import __version__
+from .classes import CLASS_NAMES
+from .errors import BusiBatchError, UsageError
+from .imageio import atomic_write_bytes, atomic_write_text
+from .records import ImageResult, read_results_csv
+from .report_assets import ASSETS_DIR, Rendition, RenditionJob, make_rendition, remove_stale
+from .report_pdf import ChunkJob, ChunkResult, merge_pdfs, render_chunk
+
+log = logging.getLogger("busi_batch")
+
+PAGE_CHOICES = ("all", "flagged", "none")
+FORMATS = {".pdf": "pdf", ".html": "html", ".htm": "html"}
+
+#: A case is flagged for review below this top-class probability (three classes: chance is 1/3).
+LOW_CONFIDENCE = 0.6
+#: With ground truth, a lesion segmented with a Dice below this is flagged.
+LOW_DICE = 0.5
+REVIEW_TABLE_MAX = 100
+ERROR_TABLE_MAX = 50
+GALLERY_SIZE = 6
+#: Longer file names are shortened in the middle on a page (with the other capped texts, this keeps every
+#: per-image page on one sheet; if one ever spills over, the page numbering still follows).
+MAX_NAME_CHARS = 300
+#: Per-image pages per PDF chunk (each chunk is one WeasyPrint document in a worker process).
+CHUNK_PAGES = 48
+#: Below this many per-image pages, starting worker processes costs more than it saves.
+MIN_PAGES_FOR_POOL = 40
+
+
+# ----------------------------------------------------------------------------------------------- the run folder
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model card summary a run recorded in ``run.json``."""
+
+    name: str
+    version: str
+    sha256: str
+    test_model: bool
+    warning: str
+    intended_use: str
+    training_data: str
+    test_metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The parts of ``run.json`` a report shows."""
+
+    folder: Path
+    input: Path
+    started: str
+    finished: str
+    interrupted: bool
+    status: str                      # "complete", or "running" / "interrupted" / "failed" for a run that stopped
+    tool_version: str
+    device: str
+    total_s: float | None
+    found: int
+    ok: int
+    errors: int
+    removed: int
+    passed_over: list[tuple[str, str]]
+    pixel_size_mm: float | None
+    tta: bool
+    anonymized: bool
+    masks_root: Path | None
+    labels: Path | None
+    model: ModelInfo
+
+
+@dataclass
+class RunFolder:
+    """A finished run, read back: provenance, one row per image, and the metrics when there was ground truth."""
+
+    info: RunInfo
+    rows: list[ImageResult]
+    metrics: dict[str, Any] | None
+
+
+def load_run(run_dir: Path) -> RunFolder:
+    """Read a run folder; BusiBatchError names the file and the reason when it is not a finished run."""
+    import json
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such output folder")
+    run_json = run_dir / "run.json"
+    csv_path = run_dir / "predictions.csv"
+    for path in (run_json, csv_path):
+        if not path.is_file():
+            raise BusiBatchError(f"{path}: missing; is {run_dir} a finished busi-batch output folder?")
+    try:
+        data = json.loads(run_json.read_text(encoding="utf-8"))
+        rows = read_results_csv(csv_path)
+    except (OSError, ValueError, TypeError) as err:
+        raise BusiBatchError(f"{run_dir}: cannot read the run's files: {err}") from err
+    metrics = None
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        try:
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise BusiBatchError(f"{metrics_path}: cannot read: {err}") from err
+    try:
+        info = _run_info(run_dir, data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BusiBatchError(f"{run_json}: not a busi-batch run record ({type(err).__name__}: {err})") from err
+    return RunFolder(info=info, rows=rows, metrics=metrics)
+
+
+def _run_info(run_dir: Path, data: dict[str, Any]) -> RunInfo:
+    model = data.get("model") or {}
+    options = data.get("options") or {}
+    counts = data.get("counts") or {}
+    timings = data.get("timings") or {}
+    return RunInfo(
+        folder=run_dir,
+        input=Path(data["input"]),
+        started=str(data.get("started", "")),
+        finished=str(data.get("finished", "")),
+        interrupted=bool(data.get("interrupted", False)),
+        status=str(data.get("status", "")),
+        tool_version=str(data.get("tool_version", "")),
+        device=str(data.get("device", "")),
+        total_s=timings.get("total_s"),
+        found=int(counts.get("found", 0)),
+        ok=int(counts.get("ok", 0)),
+        errors=int(counts.get("error", 0)),
+        removed=int(counts.get("removed_since_last_run", 0)),
+        passed_over=[(p["path"], p["reason"]) for p in data.get("passed_over") or []],
+        pixel_size_mm=options.get("pixel_size_mm"),
+        tta=bool(options.get("tta", False)),
+        anonymized=bool(options.get("anonymize", False)),
+        masks_root=Path(options["masks"]) if options.get("masks") else None,
+        labels=Path(options["labels"]) if options.get("labels") else None,
+        model=ModelInfo(
+            name=str(model.get("name", "")),
+            version=str(model.get("version", "")),
+            sha256=str(model.get("sha256", "")),
+            test_model=bool(model.get("test_model", False)),
+            warning=str(model.get("warning", "")),
+            intended_use=str(model.get("intended_use", "")),
+            training_data=str(model.get("training_data", "")),
+            test_metrics=dict(model.get("test_metrics") or {}),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------ what the report says
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One reason a case deserves a human look; lower ``priority`` sorts first."""
+
+    kind: str
+    text: str
+    priority: int
+    short: str = ""  # for the summary's review table, where a row should stay one or two lines
+
+
+def review_flags(row: ImageResult, low_confidence: float = LOW_CONFIDENCE, low_dice: float = LOW_DICE) -> list[Flag]:
+    """Why an image should be looked at first: errors, class/mask disagreement, low confidence, and (with ground
+    truth) misclassification or a poorly segmented lesion. Empty when nothing stands out."""
+    if not row.ok:
+        reason = row.error or "unknown error"
+        return [Flag("error", f"not processed: {reason}", 0, f"error: {shorten_middle(reason, 80)}")]
+    flags: list[Flag] = []
+    area = row.lesion_area_px or 0
+    if row.pred_class == "normal" and area > 0:
+        flags.append(Flag("disagreement", "lesion mask on an image classed normal", 1, "mask but normal"))
+    elif row.pred_class in ("benign", "malignant") and area == 0:
+        flags.append(Flag("disagreement", f"no lesion mask on an image classed {row.pred_class}", 1,
+                          f"no mask but {row.pred_class}"))
+    if row.confidence is not None and row.confidence < low_confidence:
+        flags.append(Flag("low-confidence", f"low confidence {row.confidence:.2f}", 2, "low confidence"))
+    if row.true_class and row.pred_class and row.true_class != row.pred_class:
+        flags.append(Flag("misclassified", f"misclassified: true {row.true_class}, predicted {row.pred_class}", 3,
+                          f"true {row.true_class}"))
+    if row.dice is not None and (row.truth_area_px or 0) > 0 and row.dice < low_dice:
+        flags.append(Flag("low-dice", f"lesion Dice {row.dice:.2f}", 4, f"Dice {row.dice:.2f}"))
+    if row.truth_error:
+        flags.append(Flag("truth", f"ground truth not used: {row.truth_error}", 5, "ground truth unusable"))
+    return flags
+
+
+@dataclass
+class Entry:
+    """One image as the report shows it."""
+
+    number: int                         # 1-based, in predictions.csv order
+    row: ImageResult
+    flags: list[Flag]
+    rendition: Rendition | None = None
+    page: int | None = None             # PDF page number of its per-image page
+    has_page: bool = False
+
+    @property
+    def anchor(self) -> str:
+        return f"img-{self.number}"
+
+    @property
+    def display_name(self) -> str:
+        return shorten_middle(self.row.image, MAX_NAME_CHARS)
+
+    @property
+    def first_priority(self) -> int:
+        return min((f.priority for f in self.flags), default=99)
+
+
+def shorten_middle(text: str, limit: int) -> str:
+    """``text`` unchanged if short enough, else its start and end around an ellipsis (``limit`` characters)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of a chart drawn with HTML/CSS: label, count, share of the total, and length relative to the
+    longest bar (percent)."""
+
+    label: str
+    count: int
+    share: float
+    width: float
+
+
+def bars(labels: Sequence[str], counts: Sequence[int]) -> list[Bar]:
+    total = sum(counts)
+    longest = max(counts, default=0)
+    return [
+        Bar(label, int(c), (c / total) if total else 0.0, (100.0 * c / longest) if longest else 0.0)
+        for label, c in zip(labels, counts)
+    ]
+
+
+def class_counts(rows: Iterable[ImageResult]) -> list[Bar]:
+    """Predicted classes among processed images, in the model's class order."""
+    counts = {name: 0 for name in CLASS_NAMES}
+    for row in rows:
+        if row.ok and row.pred_class in counts:
+            counts[row.pred_class] += 1
+    return bars(list(counts), list(counts.values()))
+
+
+def histogram(values: Sequence[float], edges: Sequence[float], fmt: Callable[[float], str] = "{:g}".format) -> list[Bar]:
+    """Counts of ``values`` in ``[edges[i], edges[i+1])``, the last bin closed; labels like ``0.6–0.7``."""
+    counts, _ = np.histogram(np.asarray(values, dtype=float), bins=np.asarray(edges, dtype=float))
+    labels = [f"{fmt(lo)}–{fmt(hi)}" for lo, hi in zip(edges[:-1], edges[1:])]
+    return bars(labels, [int(c) for c in counts])
+
+
+CONFIDENCE_EDGES = (1 / 3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SCORE_EDGES = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def confidence_histogram(rows: Iterable[ImageResult]) -> list[Bar]:
+    values = [r.confidence for r in rows if r.ok and r.confidence is not None]
+    return histogram(values, CONFIDENCE_EDGES, fmt=lambda v: "⅓" if abs(v - 1 / 3) < 1e-9 else f"{v:.1f}")
+
+
+def log_edges(values: Sequence[float]) -> list[float]:
+    """Bin edges in 1-3-10 steps from the decade below the smallest positive value to above the largest
+    (lesion areas span several decades, so equal-width bins would put nearly everything in the first one)."""
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return []
+    decade = 10.0 ** math.floor(math.log10(min(positive)))
+    largest = max(positive)
+    edges: list[float] = []
+    while True:
+        for step in (1.0, 3.0):
+            edges.append(float(f"{step * decade:.3g}"))
+            if edges[-1] > largest:
+                return edges
+        decade *= 10.0
+
+
+def _area_label(v: float) -> str:
+    return f"{v:,.0f}" if v >= 1 else f"{v:g}"
+
+
+def area_histogram(rows: Iterable[ImageResult], use_mm2: bool) -> list[Bar]:
+    """Lesion areas (px², or mm² when the pixel size is known): a 'no lesion' bar, then 1-3-10 bins."""
+    ok = [r for r in rows if r.ok]
+    values = [(r.lesion_area_mm2 if use_mm2 else r.lesion_area_px) or 0 for r in ok]
+    zero = sum(1 for v in values if v <= 0)
+    positive = [float(v) for v in values if v > 0]
+    edges = log_edges(positive)
+    labels = ["no lesion"]
+    counts = [zero]
+    if edges:
+        c, _ = np.histogram(positive, bins=edges)
+        labels += [f"{_area_label(lo)}–{_area_label(hi)}" for lo, hi in zip(edges[:-1], edges[1:])]
+        counts += [int(x) for x in c]
+    return bars(labels, counts)
+
+
+def score_histogram(values: Sequence[float]) -> list[Bar]:
+    """Dice or IoU in ten bins of 0.1."""
+    return histogram(values, SCORE_EDGES, fmt=lambda v: f"{v:.1f}")
+
+
+def review_order(entries: Iterable[Entry]) -> list[Entry]:
+    """Flagged entries, most urgent first: errors, disagreement, low confidence, misclassified, low Dice;
+    within a kind, least confident first."""
+    flagged = [e for e in entries if e.flags]
+    return sorted(flagged, key=lambda e: (e.first_priority, e.row.confidence if e.row.confidence is not None else -1,
+                                          e.number))
+
+
+def worst_segmented(entries: Iterable[Entry], n: int = GALLERY_SIZE) -> list[Entry]:
+    """Images with a ground-truth lesion, lowest Dice first."""
+    scored = [e for e in entries if e.row.dice is not None and (e.row.truth_area_px or 0) > 0]
+    return sorted(scored, key=lambda e: (e.row.dice, e.number))[:n]
+
+
+def misclassified(entries: Iterable[Entry], n: int = GALLERY_SIZE) -> list[Entry]:
+    """Wrongly classified images, the most confidently wrong first."""
+    wrong = [e for e in entries if e.row.ok and e.row.true_class and e.row.pred_class != e.row.true_class]
+    return sorted(wrong, key=lambda e: (-(e.row.confidence or 0.0), e.number))[:n]
+
+
+def select_pages(entries: Sequence[Entry], pages: str) -> list[Entry]:
+    """The images that get a page of their own: all, only flagged ones, or none."""
+    if pages == "all":
+        return list(entries)
+    if pages == "flagged":
+        return [e for e in entries if e.flags]
+    if pages == "none":
+        return []
+    raise UsageError(f"--report-pages must be one of {', '.join(PAGE_CHOICES)}, not {pages!r}")
+
+
+@dataclass
+class Summary:
+    """Everything the summary pages show, computed once from the rows."""
+
+    n_images: int
+    n_ok: int
+    n_errors: int
+    errors: list[Entry]
+    class_bars: list[Bar]
+    confidence_bars: list[Bar]
+    area_bars: list[Bar]
+    area_unit: str
+    review: list[Entry]
+    review_total: int
+    flag_counts: dict[str, int]
+    has_truth: bool
+    dice_bars: list[Bar] = field(default_factory=list)
+    iou_bars: list[Bar] = field(default_factory=list)
+    n_scored: int = 0
+    worst: list[Entry] = field(default_factory=list)
+    wrong: list[Entry] = field(default_factory=list)
+    confusion: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarise(entries: Sequence[Entry], metrics: dict[str, Any] | None, use_mm2: bool) -> Summary:
+    rows = [e.row for e in entries]
+    errors = [e for e in entries if not e.row.ok]
+    review = review_order(entries)
+    flag_counts: dict[str, int] = {}
+    for e in entries:
+        for kind in {f.kind for f in e.flags}:
+            flag_counts[kind] = flag_counts.get(kind, 0) + 1
+    scored = [r for r in rows if r.ok and r.dice is not None]
+    has_truth = bool(metrics) or any(r.true_class for r in rows) or bool(scored)
+    summary = Summary(
+        n_images=len(rows),
+        n_ok=sum(r.ok for r in rows),
+        n_errors=len(errors),
+        errors=errors[:ERROR_TABLE_MAX],
+        class_bars=class_counts(rows),
+        confidence_bars=confidence_histogram(rows),
+        area_bars=area_histogram(rows, use_mm2),
+        area_unit="mm²" if use_mm2 else "px²",
+        review=review[:REVIEW_TABLE_MAX],
+        review_total=len(review),
+        flag_counts=flag_counts,
+        has_truth=has_truth,
+    )
+    if has_truth:
+        summary.n_scored = len(scored)
+        summary.dice_bars = score_histogram([r.dice for r in scored])
+        summary.iou_bars = score_histogram([r.iou for r in scored if r.iou is not None])
+        summary.worst = worst_segmented(entries)
+        summary.wrong = misclassified(entries)
+        summary.confusion = confusion_rows((metrics or {}).get("classification") or {})
+    return summary
+
+
+def confusion_rows(classification: dict[str, Any]) -> list[dict[str, Any]]:
+    """Confusion matrix rows for the template, each cell with its share of the row (for shading)."""
+    matrix = classification.get("confusion_matrix")
+    names = classification.get("class_order") or list(CLASS_NAMES)
+    if not matrix:
+        return []
+    result = []
+    for i, (name, counts) in enumerate(zip(names, matrix)):
+        total = sum(counts)
+        cells = []
+        for j, count in enumerate(counts):
+            share = (count / total) if total else 0.0
+            cells.append({"count": count, "share": share, "diagonal": i == j,
+                          "alpha": round(0.1 + 0.5 * share, 2) if count else 0.0})
+        result.append({"name": name, "total": total, "cells": cells})
+    return result
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class ReportResult:
+    """What was written, for the CLI's closing line and for tests."""
+
+    path: Path
+    format: str
+    image_pages: int
+    total_pages: int | None
+    seconds: float
+
+
+def templates_dir() -> Path:
+    """The shipped templates: ``busi_batch/templates`` in an installed wheel, ``templates/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "report.html.j2").is_file():
+            return candidate
+    raise BusiBatchError(f"report templates not found (looked in {here / 'templates'} and {here.parent / 'templates'})")
+
+
+def report_format(target: Path) -> str:
+    """``pdf`` or ``html`` from the file name; UsageError otherwise."""
+    fmt = FORMATS.get(Path(target).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{target}: the report must end in .pdf or .html")
+    return fmt
+
+
+def validate_report_options(target: Path, pages: str) -> None:
+    """Check ``--report`` and ``--report-pages`` before a run starts, so a typo does not waste a run."""
+    report_format(target)
+    if pages not in PAGE_CHOICES:
+        raise UsageError(f"--report-pages must be one of {', '.join(PAGE_CHOICES)}, not {pages!r}")
+
+
+def _environment() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["num"] = _num
+    env.filters["pct"] = lambda v: "–" if v is None else f"{100.0 * v:.1f}%"
+    env.filters["ci"] = _ci
+    env.filters["seconds"] = _seconds
+    return env
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def _ci(pair: Any) -> str:
+    if not pair or len(pair) != 2 or pair[0] is None:
+        return ""
+    return f"95% CI {pair[0]:.3f}–{pair[1]:.3f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    minutes, secs = divmod(float(value), 60.0)
+    return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
+
+
+@contextmanager
+def _executor(workers: int) -> Iterator[Executor | None]:
+    """A spawn-based process pool (safe after torch has started threads in the parent), or None for in-process."""
+    if workers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(pool: Executor | None, fn: Callable[[Any], Any], arg: Any) -> Future:
+    """``pool.submit``, or run now and hand back a finished future when there is no pool."""
+    if pool is not None:
+        return pool.submit(fn, arg)
+    future: Future = Future()
+    future.set_result(fn(arg))
+    return future
+
+
+def _map(pool: Executor | None, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
+    if pool is None or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    return list(pool.map(fn, jobs))
+
+
+def render_report(run_dir: Path, target: Path, pages: str = "all", processes: int = 2) -> ReportResult:
+    """Render the report of the finished run in ``run_dir`` to ``target`` (``.pdf`` or ``.html``).
+
+    ``pages`` picks the images with a page of their own (``all`` / ``flagged`` / ``none``); ``processes`` caps the
+    worker processes for renditions and PDF chunks. Raises UsageError / BusiBatchError with a one-line reason.
+
+    The work overlaps: the workers draw the pictures chunk by chunk while this process lays out the summary;
+    each chunk's pages are rendered as soon as its pictures exist.
+    """
+    started = time.time()
+    target = Path(target)
+    fmt = report_format(target)
+    validate_report_options(target, pages)
+    folder = load_run(run_dir)
+    info = folder.info
+    target_r = target.resolve()
+    if info.input.exists() and target_r.is_relative_to(info.input.resolve()):
+        raise UsageError(f"{target}: the report may not be written inside the input folder {info.input}")
+    use_mm2 = info.pixel_size_mm is not None and any(r.lesion_area_mm2 is not None for r in folder.rows)
+    entries = [Entry(number=i, row=row, flags=review_flags(row)) for i, row in enumerate(folder.rows, start=1)]
+    selected = select_pages(entries, pages)
+    for entry in selected:
+        entry.has_page = True
+    summary = summarise(entries, folder.metrics, use_mm2)
+    gallery = _unique(summary.worst + summary.wrong)
+    assets_dir = Path(run_dir) / ASSETS_DIR
+    workers = max(1, min(processes, os.cpu_count() or 1))
+    if len(selected) < MIN_PAGES_FOR_POOL:
+        workers = 1
+    chunks = _chunks(selected, workers)
+    context = {
+        "run": info, "summary": summary, "metrics": folder.metrics or {}, "use_mm2": use_mm2,
+        "tool_version": __version__, "class_names": CLASS_NAMES, "pages_option": pages,
+        "n_pages": len(selected), "low_confidence": LOW_CONFIDENCE, "low_dice": LOW_DICE,
+        "review_max": REVIEW_TABLE_MAX, "generated": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+    try:
+        assets_dir.mkdir(parents=True, exist_ok=True)
+        truth = _truth_paths(info) if (selected or gallery) and not info.anonymized else {}
+        with _executor(workers) as pool:
+            pictures = [_submit(pool, make_renditions, _rendition_jobs(chunk, info, truth, assets_dir))
+                        for chunk in chunks]
+            for entry, rendition in zip(gallery, make_renditions(_rendition_jobs(gallery, info, truth, assets_dir))):
+                entry.rendition = rendition
+            env = _environment()
+            if fmt == "html":
+                for chunk, future in zip(chunks, pictures):
+                    _attach(chunk, future.result())
+                base = os.path.relpath(assets_dir.resolve(), target_r.parent)
+                html = env.get_template("report.html.j2").render(
+                    mode="html", entries=selected, asset_base=quote(Path(base).as_posix()) + "/",
+                    css=_css(), first_page=1, total_pages=0, part="all", **context,
+                )
+                atomic_write_text(target, html)
+                total = None
+            else:
+                total = _write_pdf(pool, env, context, chunks, pictures, assets_dir, target)
+    except OSError as err:
+        raise BusiBatchError(f"{target}: cannot write the report: {err.strerror or err}") from err
+    except BrokenProcessPool as err:
+        raise BusiBatchError(f"{target}: a report worker process died (out of memory?)") from err
+    remove_stale(assets_dir, {name for e in selected + gallery if e.rendition
+                              for name in (e.rendition.overlay, e.rendition.mask) if name})
+    return ReportResult(path=target, format=fmt, image_pages=len(selected), total_pages=total,
+                        seconds=time.time() - started)
+
+
+def _unique(entries: list[Entry]) -> list[Entry]:
+    seen: set[int] = set()
+    result = []
+    for e in entries:
+        if e.number not in seen:
+            seen.add(e.number)
+            result.append(e)
+    return result
+
+
+def _truth_paths(info: RunInfo) -> dict[str, tuple[Path, ...]]:
+    """Ground-truth mask files per image, found again by discovery (the run does not record them)."""
+    from .discover import discover
+
+    if not info.input.is_dir():
+        log.warning("%s: input folder not found; report pictures will say so", info.input)
+        return {}
+    try:
+        study = discover(info.input, masks_root=info.masks_root)
+    except UsageError as err:
+        log.warning("ground-truth masks not drawn: %s", err)
+        return {}
+    return {item.rel: item.truth_masks for item in study.items}
+
+
+def input_location(input_root: Path, image: str) -> tuple[Path, int | None]:
+    """The file (and DICOM frame) behind a CSV ``image`` name: ``a/IM1#3`` is frame 3 of ``a/IM1``, unless a file
+    is literally called that."""
+    from .dicom import split_frame_name
+
+    path = input_root / image
+    if path.exists():
+        return path, None
+    rel, frame = split_frame_name(image)
+    return input_root / rel, frame
+
+
+def _rendition_jobs(entries: list[Entry], info: RunInfo, truth: dict[str, tuple[Path, ...]],
+                    assets_dir: Path) -> list[RenditionJob]:
+    """What to draw for each entry. An anonymised run's images are never drawn: their names are pseudonyms, and
+    ultrasound pixels often carry the patient's name burned in."""
+    jobs = []
+    for e in entries:
+        path, frame = input_location(info.input, e.row.image) if e.row.ok else (None, None)
+        if info.anonymized:
+            path = frame = None
+        jobs.append(RenditionJob(
+            key=f"{e.number:05d}",
+            image_path=path,
+            frame=frame,
+            mask_path=(info.folder / e.row.mask) if e.row.ok and e.row.mask else None,
+            truth_paths=truth.get(e.row.image, ()),
+            input_sha256=e.row.input_sha256,
+            assets_dir=assets_dir,
+        ))
+    return jobs
+
+
+def make_renditions(jobs: list[RenditionJob]) -> list[Rendition]:
+    """The pictures of one chunk of images (one task for a worker process)."""
+    return [make_rendition(job) for job in jobs]
+
+
+def _attach(entries: list[Entry], renditions: list[Rendition]) -> None:
+    for entry, rendition in zip(entries, renditions):
+        entry.rendition = rendition
+
+
+def _css() -> tuple[str, str]:
+    """(screen and shared rules, paged-media rules): the PDF uses both, the HTML keeps the second for printing."""
+    root = templates_dir()
+    return (root / "report.css").read_text(encoding="utf-8"), (root / "print.css").read_text(encoding="utf-8")
+
+
+def _chunks(entries: list[Entry], workers: int) -> list[list[Entry]]:
+    """Split the per-image pages into chunks: small enough to balance the workers, large enough to amortise
+    WeasyPrint's per-document start-up."""
+    if not entries:
+        return []
+    size = max(8, min(CHUNK_PAGES, math.ceil(len(entries) / (2 * workers))))
+    return [entries[i:i + size] for i in range(0, len(entries), size)]
+
+
+class _Numbering:
+    """Page numbers of a report rendered in parts: the summary, then each chunk of per-image pages.
+
+    Starts from "one page per image" and learns each part's real page count (and where each image's page landed)
+    as parts are rendered.
+    """
+
+    def __init__(self, chunks: list[list[Entry]]) -> None:
+        self.chunks = chunks
+        self.summary_pages = 1
+        self.chunk_pages = [len(c) for c in chunks]
+        self.local = {e.number: k for chunk in chunks for k, e in enumerate(chunk)}
+
+    def apply(self) -> tuple[list[int], int]:
+        """Set every entry's page number; return each chunk's first page number and the total."""
+        starts, total = _numbering(self.summary_pages, self.chunk_pages)
+        for start, chunk in zip(starts, self.chunks):
+            for e in chunk:
+                e.page = start + self.local[e.number]
+        return starts, total
+
+    def learn(self, result: ChunkResult) -> None:
+        self.chunk_pages[result.index] = result.pages
+        for e in self.chunks[result.index]:
+            self.local[e.number] = result.anchor_pages.get(e.anchor, self.local[e.number])
+
+
+def _write_pdf(pool: Executor | None, env: Any, context: dict[str, Any], chunks: list[list[Entry]],
+               pictures: list[Future], assets_dir: Path, target: Path) -> int:
+    """Summary (here, while the workers draw pictures), then each chunk as soon as its pictures exist, then merge.
+
+    Page numbers assume one page per image; each chunk reports where its pages landed, and any part rendered with
+    numbers that turned out wrong is rendered again, so the numbers in the footers and the summary are right.
+    """
+    template = env.get_template("report.html.j2")
+    base_url = assets_dir.resolve().as_uri() + "/"
+    css = _css()
+    numbering = _Numbering(chunks)
+    rendered: dict[int, tuple[int, int]] = {}
+    results: dict[int, ChunkResult] = {}
+    summary_key: tuple[Any, ...] | None = None
+
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=assets_dir) as tmp:
+        tmp_dir = Path(tmp)
+
+        def render_summary() -> None:
+            nonlocal summary_key
+            for _ in range(4):
+                _, total = numbering.apply()
+                key = (total, tuple(e.page for chunk in chunks for e in chunk))
+                if key == summary_key:
+                    return
+                html = template.render(mode="pdf", entries=[], asset_base=base_url, css=css, first_page=1,
+                                       total_pages=total, part="summary", **context)
+                result = render_chunk(ChunkJob(-1, html, base_url, tmp_dir / "summary.pdf"))
+                summary_key = key
+                if result.pages == numbering.summary_pages:
+                    return
+                numbering.summary_pages = result.pages
+            raise BusiBatchError("report: the summary's page count does not settle")
+
+        def chunk_job(k: int, starts: list[int], total: int) -> ChunkJob:
+            rendered[k] = (starts[k], total)
+            html = template.render(mode="pdf", entries=chunks[k], asset_base=base_url, css=css,
+                                   first_page=starts[k], total_pages=total, part="pages", **context)
+            return ChunkJob(k, html, base_url, tmp_dir / f"chunk-{k:05d}.pdf")
+
+        render_summary()
+        starts, total = numbering.apply()
+        futures = []
+        for k, future in enumerate(pictures):
+            _attach(chunks[k], future.result())
+            futures.append(_submit(pool, render_chunk, chunk_job(k, starts, total)))
+        for future in futures:
+            result = future.result()
+            results[result.index] = result
+            numbering.learn(result)
+        for _ in range(4):  # only when a page did not fit: re-render what was numbered wrongly
+            render_summary()
+            starts, total = numbering.apply()
+            redo = [k for k in range(len(chunks)) if rendered[k] != (starts[k], total)]
+            if not redo:
+                break
+            log.warning("report: some per-image pages took more than one page; renumbering")
+            for result in _map(pool, render_chunk, [chunk_job(k, starts, total) for k in redo]):
+                results[result.index] = result
+                numbering.learn(result)
+        else:
+            raise BusiBatchError("report: page numbering does not settle")
+        paths = [tmp_dir / "summary.pdf"] + [results[k].pdf_path for k in range(len(chunks))]
+        atomic_write_bytes(target, merge_pdfs(paths, title=f"busi-batch report: {context['run'].input.name}"))
+    return total
+
+
+def _numbering(summary_pages: int, chunk_pages: list[int]) -> tuple[list[int], int]:
+    """First page number of every chunk, and the total page count."""
+    starts = []
+    page = summary_pages + 1
+    for n in chunk_pages:
+        starts.append(page)
+        page += n
+    return starts, page - 1
