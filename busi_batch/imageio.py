@@ -285,6 +285,14 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return encode_png(mask.astype(np.uint8) * 255)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
 #: Prefix of the temporary files behind atomic writes; only a killed process can leave one behind.
 TEMP_PREFIX = ".tmp-"
 
@@ -305,6 +313,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise OutputWriteError(f"{path}: cannot write: {err.strerror or err}") from err
     done = False
     try:
+        # mkstemp creates the file 0600; results are meant to be shared, so apply the usual 0666 & ~umask.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

@@ -135,3 +135,14 @@ def test_atomic_write_failure_is_clear_and_leaves_nothing(tmp_path: Path, monkey
     with pytest.raises(OutputWriteError, match="No space left"):
         atomic_write_bytes(tmp_path / "f.bin", b"data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    target = tmp_path / "shared.csv"
+    atomic_write_bytes(target, b"x")
+    old = os.umask(0)
+    os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~old
