@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from . import __version__
-from .errors import BusiBatchError, UsageError
+from .errors import BusiBatchError, RunInterrupted, UsageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
@@ -26,6 +28,22 @@ app = typer.Typer(
     "A research tool, not a diagnostic device.",
     epilog="Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal error, 4 interrupted.",
 )
+
+
+@contextmanager
+def _exit_codes(prefix: str = "", usage_exit: int = EXIT_USAGE) -> Iterator[None]:
+    """Our own errors become one line on stderr and their exit code; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError as err:
+        typer.echo(f"error: {prefix}{err}", err=True)
+        raise typer.Exit(usage_exit) from err
+    except RunInterrupted as err:
+        typer.echo(f"interrupted: {err}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from err
+    except BusiBatchError as err:
+        typer.echo(f"error: {prefix}{err}", err=True)
+        raise typer.Exit(EXIT_FATAL) from err
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -81,12 +99,12 @@ def run(
 
     Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal, 4 interrupted.
     """
-    from .pipeline import RunConfig, RunInterrupted, run as run_pipeline
+    from .pipeline import RunConfig, run as run_pipeline
     from .report import validate_report_options
     from .shard import Shard
 
     _configure_logging(quiet)
-    try:
+    with _exit_codes():
         config = RunConfig.for_study(
             study, out, weights=weights, labels=labels, masks=masks, device=device, batch_size=batch_size,
             workers=workers, tta=tta, pixel_size_mm=pixel_size, force=force,
@@ -95,15 +113,6 @@ def run(
         if report is not None:
             validate_report_options(report, report_pages)
         summary = run_pipeline(config)
-    except UsageError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_USAGE) from err
-    except RunInterrupted as err:
-        typer.echo(f"interrupted: {err}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from err
-    except BusiBatchError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
     if not quiet:
         typer.echo(summary.line(), err=True)
     if report is not None:
@@ -117,14 +126,8 @@ def _render_report(run_dir: Path, target: Path, pages: str, quiet: bool, usage_e
 
     for noisy in ("weasyprint", "fontTools"):  # their progress and font-subsetting chatter is not ours to show
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
+    with _exit_codes("report: ", usage_exit=usage_exit):
         result = render_report(run_dir, target, pages=pages)
-    except UsageError as err:
-        typer.echo(f"error: report: {err}", err=True)
-        raise typer.Exit(usage_exit) from err
-    except BusiBatchError as err:
-        typer.echo(f"error: report: {err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
     if not quiet:
         pages_text = f", {result.total_pages} pages" if result.total_pages else ""
         typer.echo(f"busi-batch: report ({result.image_pages} image pages{pages_text}) -> {result.path}", err=True)
@@ -169,16 +172,10 @@ def merge(
     from .report import validate_report_options
 
     _configure_logging(quiet)
-    try:
+    with _exit_codes():
         if report is not None:
             validate_report_options(report, report_pages)
         summary = merge_outputs(folders, out)
-    except UsageError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_USAGE) from err
-    except BusiBatchError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
     if not quiet:
         typer.echo(summary.line(), err=True)
     if report is not None:
@@ -204,14 +201,8 @@ def bench(
     from .bench import benchmark, write_json
 
     _configure_logging(quiet=True)
-    try:
+    with _exit_codes():
         result = benchmark(study, synthetic, weights, device, batch_size, workers, baseline_limit)
-    except UsageError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_USAGE) from err
-    except BusiBatchError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
     typer.echo(result.table())
     if json_out is not None:
         write_json(result, json_out)
@@ -238,14 +229,8 @@ def demo(
 
     _configure_logging(quiet=False)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes of its local URL
-    try:
+    with _exit_codes():
         serve(DemoConfig(host=host, port=port, weights=weights, device=device, pixel_size_mm=pixel_size))
-    except UsageError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_USAGE) from err
-    except BusiBatchError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
 
 
 def main() -> None:

@@ -12,6 +12,10 @@ class UsageError(BusiBatchError):
     """The command line asks for something impossible (exit code 2)."""
 
 
+class RunInterrupted(BusiBatchError):
+    """SIGTERM or Ctrl-C: the run stopped after the current batch and saved what was done (exit code 4)."""
+
+
 class ModelLoadError(BusiBatchError):
     """A checkpoint or its model card is missing, tampered with or incompatible."""
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from . import __version__, metrics
 from .classes import CLASS_NAMES, class_index
 from .discover import ImageItem, Study, discover
-from .errors import BusiBatchError, ImageDecodeError, OutputWriteError, UsageError
+from .errors import BusiBatchError, ImageDecodeError, OutputWriteError, RunInterrupted, UsageError
 from .imageio import (
     append_bytes, atomic_write_bytes, decode_image, encode_mask_png, load_truth_mask, read_bytes, remove_temp_files,
 )
@@ -82,10 +82,6 @@ NAME_MAX = 255
 _PER_FILE_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
 
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_FAILED = "running", "complete", "interrupted", "failed"
-
-
-class RunInterrupted(BusiBatchError):
-    """SIGTERM or Ctrl-C: the run stopped after the current batch and saved what was done."""
 
 
 @dataclass(frozen=True)
