@@ -126,9 +126,13 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def child(study: Path, out: Path, weights: Path, batch_size: int, workers: int) -> None:
+def child(study: Path, out: Path, weights: Path, batch_size: int, workers: int, allocator: str) -> None:
     """Run the pipeline once in this fresh process and print what it cost, as JSON on stdout."""
+    from busi_batch import inference
     from busi_batch.pipeline import RunConfig, run
+
+    if allocator == "glibc":  # glibc's defaults: skip inference.tune_cpu_allocator's mallopt calls
+        inference.tune_cpu_allocator = lambda: None
 
     sampler = TreeRss()
     sampler.start()
@@ -145,18 +149,26 @@ def child(study: Path, out: Path, weights: Path, batch_size: int, workers: int) 
     }))
 
 
-def measure(count: int, base: Path, weights: Path, batch_size: int, workers: int) -> dict:
+def measure(count: int, base: Path, weights: Path, batch_size: int, workers: int, allocator: str,
+            repeat: int) -> dict:
+    """Peaks of ``repeat`` fresh runs on one study of ``count`` images: the largest of each figure."""
     study, out = base / f"study-{count}", base / f"out-{count}"
-    write_study(study, count)
+    if not study.exists():
+        write_study(study, count)
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(study), str(out), str(weights), "--batch-size", str(batch_size),
-         "--workers", str(workers)],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"child run on {count} images failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeat):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(study), str(out), str(weights), "--batch-size",
+             str(batch_size), "--workers", str(workers), "--allocator", allocator],
+            capture_output=True, text=True, env=env, check=False,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"child run on {count} images failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    result = {key: max(r[key] for r in runs) for key in runs[0]}
+    result["main_peak_each_mb"] = [round(r["main_peak_mb"]) for r in runs]
+    return result
 
 
 def main() -> None:
@@ -165,20 +177,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--weights", type=Path, help="checkpoint (default: random weights, shipped architecture)")
+    parser.add_argument("--repeat", type=int, default=1, help="fresh runs per size; the largest peak counts")
+    parser.add_argument("--allocator", choices=("tuned", "glibc"), default="tuned",
+                        help="tuned: as shipped (inference.tune_cpu_allocator); glibc: the C library's defaults")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=3, metavar=("STUDY", "OUT", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*map(Path, args.child), args.batch_size, args.workers)
+        child(*map(Path, args.child), args.batch_size, args.workers, args.allocator)
         return
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         base = Path(tmp)
         weights = args.weights or make_weights(base)
         results = []
         for count in args.images:
-            result = measure(count, base, weights, args.batch_size, args.workers)
+            result = measure(count, base, weights, args.batch_size, args.workers, args.allocator, args.repeat)
             results.append(result)
-            print(f"{count:>6} images: main peak {result['main_peak_mb']:7.1f} MB, worker peak "
+            each = f" (each run: {result['main_peak_each_mb']})" if args.repeat > 1 else ""
+            print(f"{count:>6} images: main peak {result['main_peak_mb']:7.1f} MB{each}, worker peak "
                   f"{result['worker_peak_mb']:7.1f} MB, tree peak {result['tree_peak_mb']:7.1f} MB "
                   f"({result['ok']} ok, {result['seconds']:.0f} s)", flush=True)
     small, large = results[0], results[-1]
@@ -189,10 +205,12 @@ def main() -> None:
           f"-> {'within' if verdict else 'NOT within'} {LIMIT - 1:.0%}")
     weights_text = args.weights or "random, base 16 depth 4, 256 px"
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"batch size {args.batch_size}, workers {args.workers}, weights {weights_text}")
+          f"batch size {args.batch_size}, workers {args.workers}, weights {weights_text}, "
+          f"allocator {args.allocator}, {args.repeat} run(s) per size")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "ratios": ratios, "within_limit": verdict,
-                                         "limit": LIMIT, "cpu_count": os.cpu_count()}, indent=2) + "\n")
+                                         "limit": LIMIT, "cpu_count": os.cpu_count(), "allocator": args.allocator,
+                                         "repeat": args.repeat}, indent=2) + "\n")
     if not verdict:
         raise SystemExit(1)
 

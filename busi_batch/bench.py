@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .discover import ImageItem, discover
 from .errors import ImageDecodeError, UsageError
-from .imageio import atomic_write_bytes, decode_image, encode_mask_png, read_bytes
+from .imageio import atomic_write_bytes, decode_input, encode_mask_png, read_bytes
 from .inference import Prediction, forward_probabilities, select_device, tune_cpu_allocator
 from .model import LoadedModel, load_model
 from .pipeline import RunConfig, mask_relpaths, result_from_prediction, run, settings_key
@@ -89,16 +89,16 @@ def baseline(loaded: LoadedModel, items: list[ImageItem], out: Path) -> float:
     start = time.perf_counter()
     for index, item in enumerate(items):
         try:
-            image = decode_image(read_bytes(item.path))
+            image = decode_input(read_bytes(item.path), item.frame)
         except ImageDecodeError as err:
-            rows.append(ImageResult(image=item.rel, status=STATUS_ERROR, error=str(err)))
+            rows.append(ImageResult(image=item.name, status=STATUS_ERROR, error=str(err)))
             continue
         x = torch.from_numpy(model_input(image, card.input_size, card.normalisation["mean"],
                                          card.normalisation["std"]))[None, None]
         probs, lesion = forward_probabilities(loaded, x)
         pred = Prediction(index=index, input_sha256="", height=image.shape[0], width=image.shape[1],
                           probabilities=probs[0].cpu().numpy(), lesion_probability=lesion[0].cpu().numpy())
-        row, mask = result_from_prediction(item, pred, loaded, masks[item.rel], settings, None)
+        row, mask = result_from_prediction(item, pred, loaded, masks[item.name], settings, None)
         atomic_write_bytes(out / row.mask, encode_mask_png(mask))
         rows.append(row)
     write_results_csv(out / "predictions.csv", rows)

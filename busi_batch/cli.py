@@ -79,7 +79,15 @@ def run(
     workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes (0 = in the main process)."),
     tta: bool = typer.Option(False, "--tta", help="Average with the horizontally flipped image (slower)."),
     pixel_size: Optional[float] = typer.Option(
-        None, "--pixel-size", help="Pixel size in mm; adds lesion_area_mm2 to the CSV."
+        None, "--pixel-size", help="Pixel size in mm for inputs without DICOM calibration; adds lesion_area_mm2.",
+    ),
+    frames: str = typer.Option(
+        "first", "--frames", metavar="first|all",
+        help="Multi-frame DICOM: the first frame only, or all (one row and mask per frame, named FILE#N).",
+    ),
+    anonymize: bool = typer.Option(
+        False, "--anonymize",
+        help="No patient name, ID or date in any output: DICOM images named by SOP Instance UID, paths scrubbed.",
     ),
     force: bool = typer.Option(False, "--force", help="Redo every image, even unchanged ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line (errors still)."),
@@ -109,6 +117,7 @@ def run(
             study, out, weights=weights, labels=labels, masks=masks, device=device, batch_size=batch_size,
             workers=workers, tta=tta, pixel_size_mm=pixel_size, force=force,
             progress=not quiet and sys.stderr.isatty(), shard=Shard.parse(shard) if shard is not None else None,
+            frames=frames, anonymize=anonymize,
         )
         if report is not None:
             validate_report_options(report, report_pages)

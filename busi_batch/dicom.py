@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,11 @@ class Calibration:
     def spatial_regions(self) -> tuple[UltrasoundRegion, ...]:
         return tuple(r for r in self.regions if r.is_spatial)
 
+    @property
+    def calibrated(self) -> bool:
+        """Any physical scale at all: then ``--pixel-size`` never applies, even when no region holds the lesion."""
+        return bool(self.spatial_regions) or self.pixel_spacing is not None or self.imager_pixel_spacing is not None
+
 
 @dataclass(frozen=True)
 class PixelSize:
@@ -210,9 +217,16 @@ def is_dicom_bytes(head: bytes) -> bool:
 
 
 def sniff_dicom(path: Path) -> bool:
-    """Whether a file is DICOM, reading only its first 132 bytes; unreadable files are simply not DICOM here."""
+    """Whether a file is DICOM, reading only its first 132 bytes; unreadable files are simply not DICOM here.
+
+    Discovery calls this on every file of a study, so only regular files are opened, and without blocking: a FIFO
+    or a device (whatever its name) must not hang the walk.
+    """
     try:
-        with open(path, "rb") as fh:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as fh:
             return is_dicom_bytes(fh.read(SNIFF_LENGTH))
     except OSError:
         return False

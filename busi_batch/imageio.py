@@ -255,6 +255,19 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return decode_image(read_bytes(path), max_pixels=max_pixels)
 
 
+def decode_input(data: bytes, frame: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An input file's pixels: a DICOM object (told by content, not name) is one frame (from 1) decoded by
+    :mod:`busi_batch.dicom`; anything else goes through :func:`decode_image`. Failures are ImageDecodeError.
+
+    The one dispatch point, so a run, a report picture and the resume hash all see the same pixels of a file.
+    """
+    if frame is not None or data[128:132] == b"DICM":
+        from .dicom import decode_dicom  # pydicom is an optional extra: imported only when a DICOM file shows up
+
+        return decode_dicom(data, frame or 1, max_pixels=max_pixels).pixels
+    return decode_image(data, max_pixels=max_pixels)
+
+
 def load_truth_mask(paths: tuple[Path, ...], shape: tuple[int, int]) -> np.ndarray:
     """Union of ground-truth mask files as a bool (H, W) array; sizes must match the image."""
     union = np.zeros(shape, dtype=bool)

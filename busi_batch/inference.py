@@ -7,18 +7,28 @@ comes out as a :class:`Prediction` with ``error`` set; it never stops the batch.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import multiprocessing.util  # noqa: F401  its exit handler is registered before ours, so ours runs first
+import os
+import pickle
+import signal
+import time
+import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from .discover import ImageItem
 from .errors import ImageDecodeError, UsageError
-from .imageio import decode_image, load_truth_mask, read_bytes
+from .imageio import decode_input, load_truth_mask, read_bytes
 from .model import LoadedModel
 from .preprocess import model_input
 
@@ -71,7 +81,7 @@ class StudyDataset(Dataset):
             return DecodedImage(index=index, input_sha256="", error=str(err))
         digest = hashlib.sha256(data).hexdigest()
         try:
-            image = decode_image(data)
+            image = decode_input(data, item.frame)  # a DICOM file's own frame; any other image as it is
             tensor = model_input(image, self.size, self.mean, self.std)
         except ImageDecodeError as err:
             return DecodedImage(index=index, input_sha256=digest, error=str(err))
@@ -116,6 +126,20 @@ def tune_cpu_allocator() -> None:
         pass
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc ``malloc_trim``); a no-op elsewhere.
+
+    With :func:`tune_cpu_allocator`'s settings nothing is ever unmapped, and small long-lived objects (rows,
+    strings) allocated between the big activation buffers fragment the heap: its resident size crept up by tens
+    of KB per image. Trimming every few seconds keeps memory flat over any study size, at the price of
+    re-faulting the buffers once per trim instead of on every forward pass.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
     if name == "auto":
@@ -151,6 +175,137 @@ def forward_probabilities(
     return torch.stack(class_probs).mean(0), torch.stack(lesion_probs).mean(0)
 
 
+class DecodingWorkerDied(RuntimeError):
+    """A decoding worker process ended mid-run (the OOM killer, ``kill -9``): its batches will never come.
+
+    A RuntimeError whose message starts like PyTorch's own report ("DataLoader worker ..."), so that whoever
+    recognises that one recognises this one too.
+    """
+
+
+WORKER_DEATH_PATIENCE_S = 15.0
+"""After a communication error from the loader, how long to wait for a dying worker to be seen dead."""
+
+_running: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # not yet stopped iterator -> its pid
+
+
+def _decoded_batches(loader: DataLoader) -> Iterator[tuple[list[DecodedImage], torch.Tensor | None]]:
+    """Iterate ``loader``; on every way out (exhausted, closed, any exception) its workers are stopped at once.
+
+    A dead worker becomes :class:`DecodingWorkerDied`, whatever error it first showed up as. Both matter when the
+    OOM killer takes a worker:
+
+    * the main process often learns of it by fetching a batch that worker sent: the batch tensor's shared-memory
+      file descriptor is handed over by the worker itself, so the fetch fails with ``ConnectionResetError`` (or
+      ``ConnectionRefusedError``, ``EOFError``). PyTorch then asks ``is_alive()``, but a killed process closes
+      its sockets a moment before it can be reaped, a moment that a loaded machine stretches: PyTorch passes
+      the socket error on as it is, and only later its SIGCHLD handler raises its own, wherever the main
+      thread happens to be;
+    * PyTorch stops the workers when its iterator is garbage collected, and an exception's traceback keeps the
+      iterator alive: for an uncaught one (``sys.last_traceback``) until exit, where multiprocessing SIGTERMs
+      the workers, which block SIGTERM (``pipeline._stop_signals_blocked``), and joins them without a timeout.
+      The process hung for ever.
+    """
+    iterator = iter(loader)
+    workers = list(getattr(iterator, "_workers", ()))
+    if workers:
+        _running[iterator] = os.getpid()
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as err:
+                if not workers:
+                    raise
+                _unwatch(iterator)  # from here on no worker's end raises asynchronously: we look ourselves
+                dying_peer = isinstance(err, (OSError, EOFError, RuntimeError, pickle.UnpicklingError))
+                dead = _dead_workers(workers, WORKER_DEATH_PATIENCE_S if dying_peer else 0.0)
+                if dead:
+                    raise DecodingWorkerDied(_describe_dead(dead)) from err
+                raise
+            yield batch
+    finally:
+        _stop_workers(iterator, workers)
+
+
+def _dead_workers(workers: list[Any], patience: float) -> list[Any]:
+    """The workers that have ended, waiting up to ``patience`` seconds for one to (it may be dying still)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            dead = [w for w in workers if not w.is_alive()]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.02)
+        except RuntimeError:  # PyTorch's SIGCHLD handler reporting this very death here: look again
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _describe_dead(dead: list[Any]) -> str:
+    def how(code: int | None) -> str:
+        if code is not None and code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    return "; ".join(f"DataLoader worker pid {w.pid} {how(w.exitcode)}" for w in dead)
+
+
+def _unwatch(iterator: Any) -> None:
+    """Take the workers off PyTorch's SIGCHLD watch, whose handler raises in whatever code the main thread runs."""
+    if getattr(iterator, "_worker_pids_set", False):
+        iterator._worker_pids_set = False
+        _remove_worker_pids(id(iterator))
+
+
+def _stop_workers(iterator: Any, workers: list[Any], orderly: bool = True) -> None:
+    """Stop ``iterator``'s worker processes now, for certain.
+
+    PyTorch's orderly shutdown when every worker is still alive; otherwise none, for it sets an event under a
+    lock that the dead worker may have held, and would wait for ever. Any worker still there after that gets
+    SIGKILL: SIGTERM, which PyTorch and multiprocessing send, is blocked in these workers.
+    """
+    if not workers:
+        return
+    _running.pop(iterator, None)
+    try:
+        _unwatch(iterator)
+        if not getattr(iterator, "_shutdown", True):
+            if orderly and all(w.is_alive() for w in workers):
+                iterator._shutdown_workers()
+            else:
+                iterator._shutdown = True  # its __del__ does nothing now
+                pin_done = getattr(iterator, "_pin_memory_thread_done_event", None)
+                if pin_done is not None:
+                    pin_done.set()
+                for q in getattr(iterator, "_index_queues", ()):
+                    q.cancel_join_thread()
+                    q.close()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+        for w in workers:
+            w.join(timeout=10)
+
+
+@atexit.register
+def _stop_abandoned_workers() -> None:
+    """At exit, stop the workers of an iteration that nobody finished or closed (kept alive by a traceback, say).
+
+    Registered after multiprocessing's exit handler, so it runs before it: that one would SIGTERM them, which
+    they block, and then wait for them without a timeout.
+    """
+    for iterator, pid in list(_running.items()):
+        if pid == os.getpid():  # not in a forked child that exits normally: the workers are not its own
+            _stop_workers(iterator, list(getattr(iterator, "_workers", ())), orderly=False)
+
+
 def predict(
     loaded: LoadedModel,
     items: Sequence[ImageItem],
@@ -177,18 +332,20 @@ def predict(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    for samples, stacked in loader:
-        probs = masks = None
-        if stacked is not None:
-            class_probs, lesion_probs = forward_probabilities(loaded, stacked, tta=tta)
-            probs, masks = class_probs.cpu().numpy(), lesion_probs.cpu().numpy()
-        k = 0
-        for s in samples:
-            pred = Prediction(
-                index=s.index, input_sha256=s.input_sha256, height=s.height, width=s.width,
-                truth_mask=s.truth_mask, truth_error=s.truth_error, error=s.error,
-            )
-            if s.error is None:
-                pred.probabilities, pred.lesion_probability = probs[k], masks[k]
-                k += 1
-            yield pred
+    batches = _decoded_batches(loader)
+    with closing(batches):  # the workers stop when this generator does, however it does
+        for samples, stacked in batches:
+            probs = masks = None
+            if stacked is not None:
+                class_probs, lesion_probs = forward_probabilities(loaded, stacked, tta=tta)
+                probs, masks = class_probs.cpu().numpy(), lesion_probs.cpu().numpy()
+            k = 0
+            for s in samples:
+                pred = Prediction(
+                    index=s.index, input_sha256=s.input_sha256, height=s.height, width=s.width,
+                    truth_mask=s.truth_mask, truth_error=s.truth_error, error=s.error,
+                )
+                if s.error is None:
+                    pred.probabilities, pred.lesion_probability = probs[k], masks[k]
+                    k += 1
+                yield pred

@@ -9,7 +9,8 @@ Merge refuses, naming the folder and the reason, rather than produce a plausible
 
 * a folder that is not a finished run (``run.json`` says running: killed or still going; interrupted; failed;
   or a journal is left), or whose CSV does not have one row per image the run found;
-* folders made by different models (weights sha256) or with different settings (TTA, threshold);
+* folders made by different models (weights sha256) or with different settings (TTA, threshold), or with
+  different ``--frames`` / ``--anonymize`` (their image names would not describe one study);
 * a mix of sharded and unsharded folders, shards of different N, the same shard twice, a missing shard, or shards
   that saw different studies (a different number of images in the whole study);
 * the same image, or the same mask file, in two folders.
@@ -165,6 +166,12 @@ def check_compatible(outputs: list[ShardOutput]) -> None:
                     f"{out.folder}: row {printable(row.image)} was made by model {row.model_sha256[:12]}, "
                     f"not {first.model_sha256[:12]}"
                 )
+    for option, default in (("frames", "first"), ("anonymize", False)):  # a run.json before DICOM: the defaults
+        used = {str((o.run.get("options") or {}).get(option, default)) for o in outputs}
+        if len(used) > 1:
+            raise MergeError(
+                f"made with different --{option} ({' vs '.join(sorted(used))}); rerun with the same options"
+            )
     settings = {(o.folder, r.settings) for o in outputs for r in o.rows if r.settings}
     if len({s for _, s in settings}) > 1:
         found = sorted({s for _, s in settings})

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from .classes import CLASS_NAMES
 from .errors import ModelLoadError
+from .postprocess import MaskRules
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL_NAME = "busi_unet_v1"
@@ -127,7 +128,9 @@ class ModelCard:
     """Everything a user (and the report) needs to know about a checkpoint.
 
     ``metrics`` holds the held-out test metrics in the ``metrics.json`` schema; ``temperature`` divides the class
-    logits before the softmax (1.0 = uncalibrated); ``threshold`` binarises the lesion probability.
+    logits before the softmax (1.0 = uncalibrated); ``threshold``, ``min_component_fraction`` and
+    ``empty_when_normal`` turn the lesion probability into the reported mask (see
+    :class:`busi_batch.postprocess.MaskRules`; cards without them get the plain 0.5 threshold).
     """
 
     name: str
@@ -138,6 +141,8 @@ class ModelCard:
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     temperature: float = 1.0
     threshold: float = 0.5
+    min_component_fraction: float = 0.0
+    empty_when_normal: bool = False
     weights_sha256: str = ""
     weights_dtype: str = "float32"
     training_data: str = ""
@@ -148,6 +153,9 @@ class ModelCard:
     )
     test_model: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def mask_rules(self) -> MaskRules:
+        return MaskRules(self.threshold, self.min_component_fraction, self.empty_when_normal)
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(**self.architecture)

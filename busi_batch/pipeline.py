@@ -12,9 +12,14 @@ on the folder. What a run killed at any moment (SIGKILL, power cut of the proces
   or ``failed`` at the end, so a folder left by a killed run is recognisable (``merge`` refuses it).
 
 Resume rule: an image is skipped when the previous rows hold an ``ok`` row for it whose ``input_sha256`` (content
-hash, not modification time), ``model_sha256`` and ``settings`` (TTA, threshold) match, and its mask file exists.
+hash, not modification time), ``model_sha256`` and ``settings`` (TTA, mask rules) match, and its mask file exists.
 Rows of images that are no longer in the study (or the shard) are dropped with their mask files (and counted in
 ``run.json``, ``removed_since_last_run``): the folder always describes the study as it is now.
+
+DICOM input (``dicom``): discovery reads each object's header; a row's pixel size comes from that header's
+calibration and the lesion mask (``dicom.resolve_pixel_size``), ``--pixel-size`` only for inputs without any;
+the identifier columns come from the header too. Under ``--anonymize`` the patient columns stay empty, items are
+named by pseudonym (discovery), and row errors, log lines and ``run.json`` pass through the study's scrubber.
 
 SIGTERM / SIGINT set a flag; the loop finishes the batch in hand, writes everything, and raises
 ``RunInterrupted``. The DataLoader's decoding workers are started with both signals blocked, so a signal sent
@@ -51,14 +56,15 @@ from tqdm import tqdm
 
 from . import __version__, metrics
 from .classes import CLASS_NAMES, class_index
-from .discover import ImageItem, Study, discover
+from .dicom import Calibration, PixelSize, frame_name, resolve_pixel_size, split_frame_name
+from .discover import FRAMES_CHOICES, ImageItem, Study, discover, truth_stem
 from .errors import BusiBatchError, ImageDecodeError, OutputWriteError, RunInterrupted, UsageError
 from .imageio import (
     append_bytes, atomic_write_bytes, decode_image, encode_mask_png, load_truth_mask, read_bytes, remove_temp_files,
 )
-from .inference import Prediction, predict, select_device
+from .inference import Prediction, predict, release_free_memory, select_device
 from .model import LoadedModel, load_model
-from .postprocess import area_mm2, binarise, lesion_area, lesion_count, probability_to_size
+from .postprocess import lesion_area, lesion_count, lesion_mask
 from .records import (
     STATUS_ERROR, STATUS_OK, ImageResult, as_written, journal_lines, printable, read_journal, read_results_csv,
     write_json, write_results_csv,
@@ -76,6 +82,8 @@ MASKS_DIR = "masks"
 #: ``predictions.csv`` is rewritten whole this often during a run (for whoever reads it meanwhile); the journal,
 #: not the CSV, is what makes each finished batch survive a kill, so this costs O(n) per 30 s, not per batch.
 FLUSH_EVERY_SECONDS = 30.0
+#: How often freed heap memory goes back to the system during inference (see inference.release_free_memory).
+TRIM_EVERY_SECONDS = 5.0
 #: Longest file name most file systems take (bytes); longer mask names are shortened with a hash.
 NAME_MAX = 255
 #: OS errors on one mask file that are about that file's name, not the output folder: a row error, not fatal.
@@ -101,6 +109,8 @@ class RunConfig:
     force: bool = False
     progress: bool = False
     shard: Shard | None = None
+    frames: str = "first"  # multi-frame DICOM: "first" frame only, or "all" (one row and mask per frame)
+    anonymize: bool = False  # no patient identifier in any output (names, columns, run.json, log lines)
 
     @classmethod
     def for_study(cls, study: Path, out: Path | None = None, **options: Any) -> "RunConfig":
@@ -166,6 +176,8 @@ def validate_paths(config: RunConfig) -> tuple[Path, Path]:
         raise UsageError("--workers must be 0 or more")
     if config.pixel_size_mm is not None and not config.pixel_size_mm > 0:
         raise UsageError("--pixel-size must be a positive number of millimetres")
+    if config.frames not in FRAMES_CHOICES:
+        raise UsageError(f"--frames must be one of {', '.join(FRAMES_CHOICES)}, not {config.frames!r}")
     return study_r, out_r
 
 
@@ -251,20 +263,27 @@ def _stop_signals_blocked() -> Iterator[None]:
 
 
 def mask_relpaths(items: list[ImageItem]) -> dict[str, str]:
-    """``masks/<rel without extension>_mask.png``; if two images differ only by extension, keep it in the name.
+    """``masks/<name without extension>_mask.png``, keyed by the item's name (the CSV ``image``); if two images
+    differ only by extension, keep it in the name.
 
-    Computed over the whole study, before any sharding, so a mask's name never depends on the shard. A name
-    longer than the file system takes (255 bytes) is cut and made unique with a hash of the full path.
+    A DICOM frame's mask is ``<file>#<frame>_mask.png`` (a ``#`` is an ordinary character in a file name; report
+    pages link by number, never by this name), and only a ``.dcm``-like extension is dropped from a DICOM name
+    (a UID-named file keeps its dots). Under ``--anonymize`` the name is the pseudonym, so no mask path carries
+    a patient identifier. Computed over the whole study, before any sharding, so a mask's name never depends on
+    the shard. A name longer than the file system takes (255 bytes) is cut and made unique with a hash of the
+    full path.
     """
+    def stem(item: ImageItem) -> str:
+        base, frame = split_frame_name(item.name) if item.is_dicom else (item.name, None)
+        return frame_name(truth_stem(base, item.is_dicom), frame)
+
     stems: dict[str, int] = {}
     for item in items:
-        stem = os.path.splitext(item.rel)[0]
-        stems[stem] = stems.get(stem, 0) + 1
+        stems[stem(item)] = stems.get(stem(item), 0) + 1
     result = {}
     for item in items:
-        stem = os.path.splitext(item.rel)[0]
-        base = stem if stems[stem] == 1 else item.rel
-        result[item.rel] = f"{MASKS_DIR}/{_fit_name(base)}_mask.png"
+        base = stem(item) if stems[stem(item)] == 1 else item.name
+        result[item.name] = f"{MASKS_DIR}/{_fit_name(base)}_mask.png"
     return result
 
 
@@ -290,7 +309,7 @@ def file_sha256(path: Path) -> str | None:
 
 def settings_key(loaded: LoadedModel, tta: bool) -> str:
     """What besides input and model changes a result: part of the resume check."""
-    return f"threshold={loaded.card.threshold:g};tta={int(tta)}"
+    return f"{loaded.card.mask_rules().key()};tta={int(tta)}"
 
 
 def _previous_rows(out: Path) -> dict[str, ImageResult]:
@@ -339,32 +358,91 @@ def plan_work(
     items: list[ImageItem], previous: dict[str, ImageResult], out: Path, masks: dict[str, str],
     model_sha: str, settings: str, force: bool,
 ) -> tuple[list[ImageItem], dict[str, ImageResult]]:
-    """Split items into those to (re)do and the previous rows that stay valid."""
+    """Split items into those to (re)do and the previous rows that stay valid (keyed by the item's name).
+
+    A row must also be of the same DICOM frame: a row an older version wrote for a file has no frame. Each file
+    is hashed once, however many frames it gives.
+    """
     todo, kept = [], {}
+    hashes: dict[Path, str | None] = {}
+
+    def sha256_of(path: Path) -> str | None:
+        if path not in hashes:
+            hashes[path] = file_sha256(path)
+        return hashes[path]
+
     for item in items:
-        row = previous.get(item.rel)
+        row = previous.get(item.name)
         if (
             not force and row is not None and row.ok and row.model_sha256 == model_sha and row.settings == settings
-            and row.mask == masks[item.rel] and (out / row.mask).is_file()
-            and file_sha256(item.path) == row.input_sha256
+            and row.mask == masks[item.name] and row.frame == item.frame and (out / row.mask).is_file()
+            and sha256_of(item.path) == row.input_sha256
         ):
-            kept[item.rel] = row
+            kept[item.name] = row
         else:
             todo.append(item)
     return todo, kept
 
 
+def identifier_columns(item: ImageItem, anonymize: bool) -> dict[str, Any]:
+    """The DICOM columns of an item's row: frame and UIDs always (the join keys), patient ID and study date only
+    without ``--anonymize``. Empty for other files."""
+    header = item.dicom
+    if header is None:
+        return {"frame": item.frame}
+    ids = header.identifiers
+    return {
+        "frame": item.frame, "study_uid": ids.study_uid, "series_uid": ids.series_uid, "sop_uid": ids.sop_uid,
+        "patient_id": "" if anonymize else header.patient.patient_id,
+        "study_date": "" if anonymize else header.patient.study_date,
+    }
+
+
+def pixel_size_columns(size: PixelSize, area_px: int | None) -> dict[str, Any]:
+    """``pixel_size_mm_x/y``, ``pixel_size_source`` and ``lesion_area_mm2`` of a row from its pixel size."""
+    return {
+        "pixel_size_mm_x": size.x_mm, "pixel_size_mm_y": size.y_mm, "pixel_size_source": size.source,
+        "lesion_area_mm2": size.area_mm2(area_px) if area_px is not None else None,
+    }
+
+
+def _calibration(item: ImageItem) -> Calibration | None:
+    return item.dicom.calibration if item.dicom is not None else None
+
+
+def refresh_kept(row: ImageResult, item: ImageItem, pixel_size_mm: float | None, anonymize: bool) -> ImageResult:
+    """A row kept from an earlier run, brought up to this run's options without redoing the image.
+
+    A DICOM object with any calibration keeps its pixel size (it depends only on the file and the mask, both
+    unchanged); any other input takes this run's ``--pixel-size`` (given, changed or dropped). The identifier
+    columns follow ``--anonymize``.
+    """
+    calibration = _calibration(item)
+    if calibration is None or not calibration.calibrated:
+        for key, value in pixel_size_columns(resolve_pixel_size(calibration, None, pixel_size_mm),
+                                             row.lesion_area_px).items():
+            setattr(row, key, value)
+    for key, value in identifier_columns(item, anonymize).items():
+        setattr(row, key, value)
+    return row
+
+
 def result_from_prediction(
     item: ImageItem, pred: Prediction, loaded: LoadedModel, mask_rel: str, settings: str,
-    pixel_size_mm: float | None,
+    pixel_size_mm: float | None, anonymize: bool = False,
 ) -> tuple[ImageResult, np.ndarray | None]:
-    """The CSV row and the full-size binary mask for one prediction (no I/O)."""
-    base = dict(image=item.rel, input_sha256=pred.input_sha256, model_sha256=loaded.sha256, settings=settings)
+    """The CSV row and the full-size binary mask for one prediction (no I/O).
+
+    The physical pixel size is chosen with the mask at the image's own size: a DICOM object's ultrasound region
+    is the one holding the lesion (see ``dicom``); ``pixel_size_mm`` only for inputs without calibration.
+    """
+    base = dict(image=item.name, input_sha256=pred.input_sha256, model_sha256=loaded.sha256, settings=settings,
+                **identifier_columns(item, anonymize))
     if pred.error is not None:
         return ImageResult(status=STATUS_ERROR, error=pred.error, **base), None
     probs = pred.probabilities
-    mask = binarise(probability_to_size(pred.lesion_probability, pred.height, pred.width), loaded.card.threshold)
     top = int(np.argmax(probs))
+    mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, CLASS_NAMES[top], loaded.card.mask_rules())
     area = lesion_area(mask)
     row = ImageResult(
         status=STATUS_OK,
@@ -374,7 +452,7 @@ def result_from_prediction(
         p_benign=float(probs[1]),
         p_malignant=float(probs[2]),
         lesion_area_px=area,
-        lesion_area_mm2=area_mm2(area, pixel_size_mm),
+        **pixel_size_columns(resolve_pixel_size(_calibration(item), mask, pixel_size_mm), area),
         lesion_count=lesion_count(mask),
         mask=mask_rel,
         width=pred.width,
@@ -396,7 +474,7 @@ def evaluate_row(row: ImageResult, item: ImageItem, out: Path) -> ImageResult:
         truth = load_truth_mask(item.truth_masks, predicted.shape[:2])
     except ImageDecodeError as err:
         row.truth_error = str(err)
-        log.warning("%s: ground truth not used: %s", printable(item.rel), err)
+        log.warning("%s: ground truth not used: %s", printable(item.name), err)
         return row
     row.truth_area_px = lesion_area(truth)
     row.dice = metrics.dice_score(predicted, truth)
@@ -445,7 +523,8 @@ def run(config: RunConfig) -> RunSummary:
             log.info("%s: removed %d temporary files left by an interrupted write", out, stale)
         loaded = load_model(config.weights, device)
         t0 = time.time()
-        study = discover(config.study, labels_csv=config.labels, masks_root=config.masks)
+        study = discover(config.study, labels_csv=config.labels, masks_root=config.masks, frames=config.frames,
+                         anonymize=config.anonymize)
         for rel, reason in study.skipped:
             log.warning("%s: skipped: %s", printable(rel), reason)
         masks = mask_relpaths(study.items)
@@ -454,10 +533,11 @@ def run(config: RunConfig) -> RunSummary:
         previous = _previous_rows(out)
         check_shard_matches(out, config.shard, bool(previous), config.force)
         todo, kept = plan_work(items, previous, out, masks, loaded.sha256, settings, config.force)
-        current = {i.rel for i in items}
-        gone = [row for rel, row in previous.items() if rel not in current]
-        for row in kept.values():
-            row.lesion_area_mm2 = area_mm2(row.lesion_area_px or 0, config.pixel_size_mm)
+        current = {i.name for i in items}
+        gone = [row for name, row in previous.items() if name not in current]
+        by_name = {i.name: i for i in items}
+        for name, row in kept.items():
+            refresh_kept(row, by_name[name], config.pixel_size_mm, config.anonymize)
         t_discover = time.time() - t0
 
         summary = RunSummary(out=out, found=len(items), skipped=len(kept), removed=len(gone), shard=config.shard)
@@ -465,16 +545,16 @@ def run(config: RunConfig) -> RunSummary:
 
         def record(status: str, error: str = "", timings: dict[str, float] | None = None) -> None:
             summary.seconds = time.time() - started
-            write_json(out / RUN_JSON, _provenance(
+            write_json(out / RUN_JSON, _scrubbed(study, _provenance(
                 config, study, loaded, device, summary, start_iso, status, error,
                 timings or {"discover_s": t_discover, "total_s": summary.seconds},
-            ))
+            )))
 
         record(STATUS_RUNNING)  # from here on, a folder left by a killed run says so
         _drop_removed(out, gone, items, masks)
         t0 = time.time()
         try:
-            interrupted = _infer_and_write(config, loaded, todo, masks, settings, out, results, stop)
+            interrupted = _infer_and_write(config, loaded, todo, masks, settings, out, results, stop, study)
         except BusiBatchError as err:
             message = str(err)
             _save_after_failure(out, items, results, summary, lambda: record(STATUS_FAILED, message))
@@ -483,10 +563,10 @@ def run(config: RunConfig) -> RunSummary:
         summary.processed = len(results) - len(kept)
 
         t0 = time.time()
-        ordered = [results[i.rel] for i in items if i.rel in results]
-        by_rel = {i.rel: i for i in items}
+        ordered = [results[i.name] for i in items if i.name in results]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            ordered = list(pool.map(lambda r: as_written(evaluate_row(r, by_rel[r.image], out)), ordered))
+            ordered = list(pool.map(lambda r: as_written(_scrub_row(study, evaluate_row(r, by_name[r.image], out))),
+                                    ordered))
         summary.metrics = compute_metrics(ordered)
         write_results_csv(out / CSV_NAME, ordered)
         if summary.metrics is not None:
@@ -516,7 +596,7 @@ def _drop_removed(out: Path, gone: list[ImageResult], items: list[ImageItem], ma
     Their rows are simply not carried over. A mask name that a current image uses is left alone (``a.png``
     deleted, ``a.jpg`` kept: the same mask name).
     """
-    in_use = {masks[i.rel] for i in items}
+    in_use = {masks[i.name] for i in items}
     for row in gone:
         mask = row.mask
         if mask and mask not in in_use and mask.startswith(f"{MASKS_DIR}/") and ".." not in Path(mask).parts:
@@ -547,7 +627,7 @@ def _save_after_failure(
 
     Either may fail too (a full disk); the journal already holds every finished batch, so nothing done is lost.
     """
-    rows = [results[i.rel] for i in items if i.rel in results]
+    rows = [results[i.name] for i in items if i.name in results]
     summary.processed = len(results) - summary.skipped
     _count(summary, rows)
     for action in (lambda: write_results_csv(out / CSV_NAME, rows), record):
@@ -559,7 +639,7 @@ def _save_after_failure(
 
 def _infer_and_write(
     config: RunConfig, loaded: LoadedModel, todo: list[ImageItem], masks: dict[str, str], settings: str,
-    out: Path, results: dict[str, ImageResult], stop: _StopFlag,
+    out: Path, results: dict[str, ImageResult], stop: _StopFlag, study: Study | None = None,
 ) -> bool:
     """Run the network over ``todo`` batch by batch, writing masks and rows; True if a signal stopped it.
 
@@ -571,7 +651,7 @@ def _infer_and_write(
     if not todo:
         return False
     journal = out / JOURNAL_NAME
-    last_flush = time.time()
+    last_flush = last_trim = time.time()
     progress = tqdm(total=len(todo), unit="img", disable=not config.progress, leave=False, dynamic_ncols=True)
     predictions = predict(loaded, todo, batch_size=config.batch_size, workers=config.workers, tta=config.tta,
                           with_truth=False)
@@ -580,8 +660,10 @@ def _infer_and_write(
             with _stop_signals_blocked():  # the first next() forks the workers
                 first = next(predictions, None)
             stream = itertools.chain([first] if first is not None else [], predictions)
+            del first
             for batch in _batches(stream, config.batch_size):
-                rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, out, config) for pred in batch]
+                rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, out, config, study)
+                        for pred in batch]
                 for row in rows:
                     results[row.image] = row
                 append_bytes(journal, journal_lines(rows))
@@ -589,6 +671,9 @@ def _infer_and_write(
                 if time.time() - last_flush > FLUSH_EVERY_SECONDS:
                     write_results_csv(out / CSV_NAME, sorted(results.values(), key=lambda r: r.image))
                     last_flush = time.time()
+                if time.time() - last_trim > TRIM_EVERY_SECONDS:
+                    release_free_memory()
+                    last_trim = time.time()
                 if stop.requested:
                     return True
         return False
@@ -615,10 +700,11 @@ def _batches(predictions: Iterable[Prediction], size: int) -> Iterator[list[Pred
 
 def _write_one(
     item: ImageItem, pred: Prediction, loaded: LoadedModel, masks: dict[str, str], settings: str, out: Path,
-    config: RunConfig,
+    config: RunConfig, study: Study | None = None,
 ) -> ImageResult:
     """Mask file and row for one prediction. A name the output file system cannot take is this image's error."""
-    row, mask = result_from_prediction(item, pred, loaded, masks[item.rel], settings, config.pixel_size_mm)
+    row, mask = result_from_prediction(item, pred, loaded, masks[item.name], settings, config.pixel_size_mm,
+                                       anonymize=config.anonymize)
     if mask is not None:
         try:
             atomic_write_bytes(out / row.mask, encode_mask_png(mask))
@@ -627,12 +713,36 @@ def _write_one(
             if not (isinstance(cause, OSError) and cause.errno in _PER_FILE_ERRNOS):
                 raise
             row = ImageResult(
-                image=item.rel, status=STATUS_ERROR, error=f"cannot write its mask: {cause.strerror or cause}",
+                image=item.name, status=STATUS_ERROR, error=f"cannot write its mask: {cause.strerror or cause}",
                 input_sha256=row.input_sha256, model_sha256=row.model_sha256, settings=row.settings,
+                **identifier_columns(item, config.anonymize),
             )
+    if study is not None:
+        row = _scrub_row(study, row)
     if not row.ok:
-        log.warning("error: %s: %s", printable(item.rel), row.error)
+        log.warning("error: %s: %s", printable(item.name), row.error)
     return row
+
+
+def _scrub_row(study: Study, row: ImageResult) -> ImageResult:
+    """A row's free texts (error reasons may quote a file name) without patient identifiers under ``--anonymize``."""
+    if study.anonymized:
+        row.error, row.truth_error = study.scrub(row.error), study.scrub(row.truth_error)
+    return row
+
+
+def _scrubbed(study: Study, value: Any) -> Any:
+    """Every string in a JSON-ready structure passed through the study's scrubber (paths in ``run.json`` often
+    name the patient's folder); unchanged when the run is not anonymised."""
+    if not study.anonymized:
+        return value
+    if isinstance(value, str):
+        return study.scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(study, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(study, v) for v in value]
+    return value
 
 
 def _provenance(
@@ -671,6 +781,7 @@ def _provenance(
             ),
             "temperature": card.temperature,
             "threshold": card.threshold,
+            "mask_rules": card.mask_rules().key(),
             "input_size": card.input_size,
             "intended_use": card.intended_use,
             "training_data": card.training_data,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -16,6 +18,49 @@ def probability_to_size(probability: np.ndarray, height: int, width: int) -> np.
 
 def binarise(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return probability >= threshold
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    """How a lesion-probability map becomes the reported mask; tuned per model on its validation fold and stored
+    in the model card, so that a checkpoint always travels with the rules it was measured with.
+
+    ``threshold`` binarises the probability. ``min_component_fraction`` drops connected components smaller than
+    that share of the image (specks the network paints on speckle noise). ``empty_when_normal`` returns no mask
+    when the predicted class is *normal*: a lesion outline on an image the same model calls normal contradicts
+    itself, and on BUSI most such outlines are false positives.
+    """
+
+    threshold: float = 0.5
+    min_component_fraction: float = 0.0
+    empty_when_normal: bool = False
+
+    def key(self) -> str:
+        """A compact, stable description for resume settings and reports."""
+        return (f"threshold={self.threshold:g};min_component={self.min_component_fraction:g};"
+                f"empty_when_normal={int(self.empty_when_normal)}")
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """``mask`` without the 8-connected components of fewer than ``min_pixels`` pixels."""
+    if min_pixels <= 1 or not mask.any():
+        return mask.astype(bool, copy=False)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+    return keep[labels]
+
+
+def lesion_mask(
+    probability: np.ndarray, height: int, width: int, predicted_class: str, rules: MaskRules = MaskRules()
+) -> np.ndarray:
+    """The reported binary mask at (height, width): resize, binarise, drop specks, respect a *normal* verdict."""
+    if rules.empty_when_normal and predicted_class == "normal":
+        return np.zeros((height, width), dtype=bool)
+    mask = binarise(probability_to_size(probability, height, width), rules.threshold)
+    if rules.min_component_fraction > 0:
+        mask = remove_small_components(mask, int(np.ceil(rules.min_component_fraction * height * width)))
+    return mask
 
 
 def lesion_area(mask: np.ndarray) -> int:

@@ -6,6 +6,10 @@ atomically, so a reader never sees half a row.
 Between two rewrites a run appends each finished batch's rows to a journal (JSON lines), so a run killed at any
 moment loses at most the batch in flight; the next run reads the CSV, then the journal on top of it.
 
+Columns are only ever appended (the DICOM ones, ``frame`` to ``study_date``, came last), and readers take the
+columns they know by name: a CSV or journal written before a column existed still reads back, the new columns
+empty, so an old output folder resumes.
+
 File names are kept exactly: a name that is not valid UTF-8 is written with its original bytes
 (``surrogateescape``), so the ``image`` column still opens the file. Readers other than this module should do
 the same (pandas: ``encoding_errors="surrogateescape"``).
@@ -53,6 +57,16 @@ class ImageResult:
     input_sha256: str = ""
     model_sha256: str = ""
     settings: str = ""
+    # Appended for DICOM input (issue 8); empty for other files. Frame counts from 1.
+    frame: int | None = None
+    pixel_size_mm_x: float | None = None
+    pixel_size_mm_y: float | None = None
+    pixel_size_source: str = ""  # us_region, pixel_spacing, imager_pixel_spacing, override, or empty (unknown)
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    patient_id: str = ""  # empty under --anonymize
+    study_date: str = ""  # empty under --anonymize
 
     @property
     def ok(self) -> bool:
@@ -60,8 +74,11 @@ class ImageResult:
 
 
 CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ImageResult))
-_INT_FIELDS = {"lesion_area_px", "lesion_count", "width", "height", "truth_area_px"}
-_FLOAT_FIELDS = {"confidence", "p_normal", "p_benign", "p_malignant", "lesion_area_mm2", "dice", "iou"}
+_INT_FIELDS = {"lesion_area_px", "lesion_count", "width", "height", "truth_area_px", "frame"}
+_FLOAT_FIELDS = {
+    "confidence", "p_normal", "p_benign", "p_malignant", "lesion_area_mm2", "dice", "iou", "pixel_size_mm_x",
+    "pixel_size_mm_y",
+}
 
 
 def _format(value: Any) -> str:
@@ -111,7 +128,8 @@ def write_results_csv(path: Path, results: list[ImageResult]) -> None:
 
 
 def read_results_csv(path: Path) -> list[ImageResult]:
-    """Rows of a ``predictions.csv`` written by this tool; unknown extra columns are ignored."""
+    """Rows of a ``predictions.csv`` written by this tool; unknown extra columns are ignored, missing ones (an older
+    version's CSV) take their defaults."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         return [
@@ -128,7 +146,10 @@ def journal_lines(results: list[ImageResult]) -> bytes:
 
 
 def read_journal(path: Path) -> list[ImageResult]:
-    """Rows of a journal in the order written; a torn last line (a killed writer) or a damaged line is skipped."""
+    """Rows of a journal in the order written; a torn last line (a killed writer) or a damaged line is skipped.
+
+    Keys an older version did not write take their defaults; a line without ``image`` or ``status`` is damaged.
+    """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -137,7 +158,7 @@ def read_journal(path: Path) -> list[ImageResult]:
     for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
         try:
             record = json.loads(line)
-            rows.append(ImageResult(**{c: record[c] for c in CSV_COLUMNS}))
+            rows.append(ImageResult(**{c: record[c] for c in CSV_COLUMNS if c in record}))
         except (ValueError, KeyError, TypeError):
             continue
     return rows

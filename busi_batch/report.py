@@ -101,6 +101,7 @@ class RunInfo:
     masks_root: Path | None
     labels: Path | None
     model: ModelInfo
+    frames: str = "first"            # the run's --frames, so discovery names images (``file#N``) as the run did
 
 
 @dataclass
@@ -178,6 +179,7 @@ def _run_info(run_dir: Path, data: dict[str, Any]) -> RunInfo:
             training_data=str(model.get("training_data", "")),
             test_metrics=dict(model.get("test_metrics") or {}),
         ),
+        frames=str(options.get("frames") or "first"),
     )
 
 
@@ -318,8 +320,12 @@ def _area_label(v: float) -> str:
 
 
 def area_histogram(rows: Iterable[ImageResult], use_mm2: bool) -> list[Bar]:
-    """Lesion areas (px², or mm² when the pixel size is known): a 'no lesion' bar, then 1-3-10 bins."""
-    ok = [r for r in rows if r.ok]
+    """Lesion areas (px², or mm² when the pixel size is known): a 'no lesion' bar, then 1-3-10 bins.
+
+    In mm², images whose pixel size is unknown (a DICOM object without calibration, a PNG without
+    ``--pixel-size``) are left out rather than counted as lesion-free.
+    """
+    ok = [r for r in rows if r.ok and (r.lesion_area_mm2 is not None or not use_mm2)]
     values = [(r.lesion_area_mm2 if use_mm2 else r.lesion_area_px) or 0 for r in ok]
     zero = sum(1 for v in values if v <= 0)
     positive = [float(v) for v in values if v > 0]
@@ -331,6 +337,19 @@ def area_histogram(rows: Iterable[ImageResult], use_mm2: bool) -> list[Bar]:
         labels += [f"{_area_label(lo)}–{_area_label(hi)}" for lo, hi in zip(edges[:-1], edges[1:])]
         counts += [int(x) for x in c]
     return bars(labels, counts)
+
+
+def pixel_size_sources(rows: Iterable[ImageResult]) -> list[tuple[str, int]]:
+    """Processed images per ``pixel_size_source`` (``unknown`` for none), most common first; empty when no image
+    has a physical pixel size at all (then the report speaks in px² only)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.ok:
+            key = row.pixel_size_source or "unknown"
+            counts[key] = counts.get(key, 0) + 1
+    if set(counts) <= {"unknown"}:
+        return []
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def score_histogram(values: Sequence[float]) -> list[Bar]:
@@ -567,7 +586,7 @@ def render_report(run_dir: Path, target: Path, pages: str = "all", processes: in
     target_r = target.resolve()
     if info.input.exists() and target_r.is_relative_to(info.input.resolve()):
         raise UsageError(f"{target}: the report may not be written inside the input folder {info.input}")
-    use_mm2 = info.pixel_size_mm is not None and any(r.lesion_area_mm2 is not None for r in folder.rows)
+    use_mm2 = any(r.lesion_area_mm2 is not None for r in folder.rows)  # --pixel-size, or DICOM calibration
     entries = [Entry(number=i, row=row, flags=review_flags(row)) for i, row in enumerate(folder.rows, start=1)]
     selected = select_pages(entries, pages)
     for entry in selected:
@@ -581,6 +600,7 @@ def render_report(run_dir: Path, target: Path, pages: str = "all", processes: in
     chunks = _chunks(selected, workers)
     context = {
         "run": info, "summary": summary, "metrics": folder.metrics or {}, "use_mm2": use_mm2,
+        "pixel_sources": pixel_size_sources(folder.rows),
         "tool_version": __version__, "class_names": CLASS_NAMES, "pages_option": pages,
         "n_pages": len(selected), "low_confidence": LOW_CONFIDENCE, "low_dice": LOW_DICE,
         "review_max": REVIEW_TABLE_MAX, "generated": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -634,11 +654,11 @@ def _truth_paths(info: RunInfo) -> dict[str, tuple[Path, ...]]:
         log.warning("%s: input folder not found; report pictures will say so", info.input)
         return {}
     try:
-        study = discover(info.input, masks_root=info.masks_root)
+        study = discover(info.input, masks_root=info.masks_root, frames=info.frames)
     except UsageError as err:
         log.warning("ground-truth masks not drawn: %s", err)
         return {}
-    return {item.rel: item.truth_masks for item in study.items}
+    return {item.name: item.truth_masks for item in study.items}
 
 
 def input_location(input_root: Path, image: str) -> tuple[Path, int | None]:

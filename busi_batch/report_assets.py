@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from .errors import ImageDecodeError
+from . import imageio
 from .imageio import atomic_write_bytes, decode_image, load_truth_mask, read_bytes
 from .overlay import outline_overlay
 
@@ -140,13 +141,8 @@ def make_rendition(job: RenditionJob) -> Rendition:
 
 
 def decode_input(data: bytes, frame: int | None) -> np.ndarray:
-    """Pixels of an input file as the run saw them: DICOM (one frame) through ``dicom``, anything else through
-    ``imageio``."""
-    if frame is not None or data[128:132] == b"DICM":
-        from .dicom import decode_dicom
-
-        return decode_dicom(data, frame or 1).pixels
-    return decode_image(data)
+    """Pixels of an input file as the run saw them: the run's own dispatch (DICOM frame, or any other image)."""
+    return imageio.decode_input(data, frame)
 
 
 def _as_binary(mask: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ pytest.importorskip("pydicom")
 import dataclasses  # noqa: E402
 
 from busi_batch.cli import app  # noqa: E402
+from busi_batch.inference import Prediction  # noqa: E402
 from busi_batch.pipeline import RunConfig  # noqa: E402
 from busi_batch.records import read_results_csv  # noqa: E402
 from conftest import tree_digest  # noqa: E402
@@ -203,3 +204,135 @@ def test_bad_frames_option_is_a_usage_error(study: Path, tmp_path: Path, tiny_we
     result = run_cli(str(study), "--out", str(tmp_path / "o"), "--weights", str(tiny_weights), "--frames", "some")
     assert result.exit_code == 2
     assert "--frames" in result.output
+
+
+# ----------------------------------------------------------------------------------- rows, by hand (no CLI)
+
+
+def lesion_prediction(shape: tuple[int, int], rows: slice, cols: slice) -> Prediction:
+    """A prediction whose lesion probability is 1 on a rectangle at the image's own size (so the mask is it)."""
+    probability = np.zeros(shape, dtype=np.float32)
+    probability[rows, cols] = 1.0
+    return Prediction(index=0, input_sha256="x", height=shape[0], width=shape[1],
+                      probabilities=np.array([0.1, 0.8, 0.1]), lesion_probability=probability)
+
+
+def test_pixel_size_source_and_mm2_by_hand(tmp_path: Path, tiny_weights: Path) -> None:
+    from busi_batch.discover import discover
+    from busi_batch.model import load_model
+    from busi_batch.pipeline import result_from_prediction
+
+    study = tmp_path / "s"
+    image = gradient(48, 64)
+    doppler = us_region(0, 0, 63, 47, 0.01, 5.0, ux=4, uy=7, data_type=3)
+    make_dicom(study / "a_region", image, regions=[doppler, us_region(0, 0, 63, 47, 0.01, 0.02)],
+               pixel_spacing=[0.9, 0.9])  # the region wins over PixelSpacing
+    make_dicom(study / "b_two_regions", image, regions=[us_region(0, 0, 31, 47, 0.01, 0.01),
+                                                         us_region(32, 0, 63, 47, 0.02, 0.02)])
+    make_dicom(study / "c_outside", image, regions=[us_region(0, 0, 31, 47, 0.01, 0.01), doppler])
+    make_dicom(study / "d_spacing", image, pixel_spacing=[0.3, 0.25])
+    make_dicom(study / "e_imager", image, imager_pixel_spacing=[0.4, 0.5])
+    make_dicom(study / "f_none", image, patient={"PatientID": "P1", "StudyDate": "20200101"})
+    cv2.imwrite(str(study / "g.png"), image)
+    items = {i.name: i for i in discover(study).items}
+    loaded = load_model(tiny_weights, "cpu")
+    box = (slice(10, 20), slice(5, 25))       # 10 x 20 = 200 px, all in the left half
+    right = (slice(0, 10), slice(28, 60))     # 10 x 32 = 320 px: 4 columns left of x=32, 28 right of it
+    far_right = (slice(0, 10), slice(40, 50))  # 100 px, only in the Doppler strip / right half
+    cases = {  # name: (lesion, override, source, x mm, y mm, mm²)
+        "a_region": (box, 0.5, "us_region", 0.1, 0.2, 200 * 0.1 * 0.2),        # 0.01 cm = 0.1 mm: 4.0 mm²
+        "b_two_regions": (right, None, "us_region", 0.2, 0.2, 320 * 0.04),      # most pixels on the right: 12.8
+        "c_outside": (far_right, 0.5, "", None, None, None),                    # calibrated, lesion in no region
+        "d_spacing": (box, 0.5, "pixel_spacing", 0.25, 0.3, 200 * 0.075),       # (row, column) = (0.3, 0.25): 15
+        "e_imager": (box, None, "imager_pixel_spacing", 0.5, 0.4, 200 * 0.2),   # 40 mm²
+        "f_none": (box, 0.5, "override", 0.5, 0.5, 200 * 0.25),                 # nothing in the header: 50 mm²
+        "g.png": (box, 0.5, "override", 0.5, 0.5, 50.0),
+    }
+    for name, (lesion, override, source, x_mm, y_mm, mm2) in cases.items():
+        row, mask = result_from_prediction(items[name], lesion_prediction((48, 64), *lesion), loaded,
+                                           "masks/m_mask.png", "s", override)
+        assert row.ok and row.lesion_area_px == int(mask.sum()), name
+        assert (row.pixel_size_source, row.pixel_size_mm_x, row.pixel_size_mm_y) == (
+            source, pytest.approx(x_mm) if x_mm else None, pytest.approx(y_mm) if y_mm else None), name
+        assert row.lesion_area_mm2 == (pytest.approx(mm2) if mm2 is not None else None), name
+    plain, _ = result_from_prediction(items["f_none"], lesion_prediction((48, 64), *box), loaded, "m", "s", None)
+    assert (plain.pixel_size_source, plain.lesion_area_mm2) == ("", None)
+    assert (plain.frame, plain.patient_id, plain.study_date) == (1, "P1", "20200101")
+    anon, _ = result_from_prediction(items["f_none"], lesion_prediction((48, 64), *box), loaded, "m", "s", None,
+                                     anonymize=True)
+    assert (anon.study_uid, anon.patient_id, anon.study_date) == (STUDY_UID, "", "")
+
+
+def test_kept_rows_follow_the_new_pixel_size_unless_calibrated(tmp_path: Path) -> None:
+    from busi_batch.discover import discover
+    from busi_batch.pipeline import refresh_kept
+    from busi_batch.records import ImageResult
+
+    make_dicom(tmp_path / "spacing", gradient(), pixel_spacing=[0.3, 0.25])
+    make_dicom(tmp_path / "plain", gradient())
+    items = {i.name: i for i in discover(tmp_path).items}
+    calibrated = ImageResult(image="spacing", status="ok", lesion_area_px=100, lesion_area_mm2=7.5,
+                             pixel_size_mm_x=0.25, pixel_size_mm_y=0.3, pixel_size_source="pixel_spacing")
+    refresh_kept(calibrated, items["spacing"], 0.5, anonymize=True)
+    assert (calibrated.pixel_size_source, calibrated.lesion_area_mm2) == ("pixel_spacing", 7.5)
+    assert (calibrated.sop_uid, calibrated.patient_id) == (items["spacing"].dicom.identifiers.sop_uid, "")
+    uncalibrated = ImageResult(image="plain", status="ok", lesion_area_px=100)  # as an older version wrote it
+    refresh_kept(uncalibrated, items["plain"], 0.2, anonymize=False)
+    assert (uncalibrated.pixel_size_source, uncalibrated.lesion_area_mm2) == ("override", pytest.approx(4.0))
+    assert uncalibrated.patient_id == PATIENT["PatientID"]
+    refresh_kept(uncalibrated, items["plain"], None, anonymize=False)
+    assert (uncalibrated.pixel_size_source, uncalibrated.lesion_area_mm2) == ("", None)
+
+
+def test_mask_names_of_frames_uid_names_and_dcm_files() -> None:
+    from busi_batch.discover import ImageItem
+    from busi_batch.pipeline import mask_relpaths
+
+    items = [
+        ImageItem(path=Path("a/IM1"), rel="a/IM1", name="a/IM1#2", frame=2, is_dicom=True),
+        ImageItem(path=Path("a/1.2.3.4"), rel="a/1.2.3.4", frame=1, is_dicom=True),
+        ImageItem(path=Path("b/x.dcm"), rel="b/x.dcm", frame=1, is_dicom=True),
+        ImageItem(path=Path("c/y.png"), rel="c/y.png"),
+    ]
+    assert list(mask_relpaths(items).values()) == [
+        "masks/a/IM1#2_mask.png", "masks/a/1.2.3.4_mask.png", "masks/b/x_mask.png", "masks/c/y_mask.png"]
+
+
+def test_corrupt_dicom_decodes_to_a_one_line_error() -> None:
+    from busi_batch.errors import ImageDecodeError
+    from busi_batch.imageio import decode_input
+
+    with pytest.raises(ImageDecodeError, match="^corrupt DICOM header") as err:
+        decode_input(b"\0" * 128 + b"DICM" + bytes(range(256)) * 8)
+    assert "\n" not in str(err.value)
+
+
+def test_frame_rows_shard_merge_and_an_older_csv_resumes(tmp_path: Path, tiny_weights: Path) -> None:
+    """Frames of a file stay in one shard, merge joins the frame rows, and the merged folder (its CSV stripped of
+    the DICOM columns, as an older version wrote it) resumes: other images are kept, DICOM frames redone."""
+    study = tmp_path / "study"
+    make_dicom(study / "CINE", np.stack([gradient(), gradient()[::-1]]), pixel_spacing=[0.3, 0.25])
+    for k in range(3):
+        cv2.imwrite(str(study / f"p{k}.png"), np.roll(gradient(), k, axis=1))
+    common = ["--weights", str(tiny_weights), "--workers", "0", "--frames", "all", "--quiet"]
+    shards = [tmp_path / f"part{i}" for i in (1, 2)]
+    for i, part in enumerate(shards, 1):
+        assert run_cli(str(study), "--out", str(part), "--shard", f"{i}/2", *common).exit_code == 0
+    parts = [set(rows_by_image(part)) for part in shards]
+    assert any({"CINE#1", "CINE#2"} <= names for names in parts)  # both frames in the shard of their file
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", *map(str, shards), "--out", str(merged), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = rows_by_image(merged)
+    assert set(rows) == {"CINE#1", "CINE#2", "p0.png", "p1.png", "p2.png"}
+    assert (rows["CINE#2"].frame, rows["CINE#2"].pixel_size_source, rows["CINE#2"].mask) == (
+        2, "pixel_spacing", "masks/CINE#2_mask.png")
+
+    csv_path = merged / "predictions.csv"
+    header, *lines = csv_path.read_text().splitlines()
+    keep = header.split(",").index("frame")
+    csv_path.write_text("\n".join(",".join(line.split(",")[:keep]) for line in [header, *lines]) + "\n")
+    again = run_cli(str(study), "--out", str(merged), *common)
+    assert again.exit_code == 0, again.output
+    assert json.loads((merged / "run.json").read_text())["counts"]["skipped_unchanged"] == 3
+    assert rows_by_image(merged)["CINE#1"].pixel_size_source == "pixel_spacing"

@@ -91,3 +91,75 @@ def test_symlinked_folder_loop_is_not_followed(tmp_path: Path) -> None:
 def test_missing_root_is_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         discover(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+
+
+def test_dicom_is_found_by_content_whatever_its_name(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from test_dicom import gradient, make_dicom, make_sr
+
+    study = tmp_path / "s"
+    make_dicom(study / "US" / "IM0001", gradient(), sop_uid="1.2.3.1")        # no extension
+    make_dicom(study / "US" / "1.2.3.2", gradient(), sop_uid="1.2.3.2")       # named by UID: the dots are the name
+    make_dicom(study / "US" / "scan.txt", gradient(), sop_uid="1.2.3.3")      # a misleading extension
+    make_sr(study / "US" / "SR0001")
+    touch(study, "US/README", b"not DICOM, no extension")
+    touch(study, "US/short", b"\0" * 20)
+    touch(study, "US/IM0001_mask.png")
+    os.mkfifo(study / "US" / "PIPE")  # sniffing must not block on it
+    found = discover(study)
+    by_name = {i.name: i for i in found.items}
+    assert list(by_name) == ["US/1.2.3.2", "US/IM0001", "US/scan.txt"]
+    assert all(i.is_dicom and i.frame == 1 and i.dicom is not None for i in found.items)
+    assert by_name["US/IM0001"].dicom.identifiers.sop_uid == "1.2.3.1"
+    assert [p.name for p in by_name["US/IM0001"].truth_masks] == ["IM0001_mask.png"]
+    assert [(p, "structured report" in r) for p, r in found.skipped] == [("US/SR0001", True)]
+
+
+def test_frames_all_gives_one_item_per_frame_named_file_hash_n(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    import numpy as np
+    from test_dicom import gradient, make_dicom
+
+    make_dicom(tmp_path / "benign" / "CINE", np.stack([gradient()] * 3))
+    make_dicom(tmp_path / "benign" / "ONE.dcm", gradient())
+    touch(tmp_path, "benign/CINE#2_mask.png")
+    touch(tmp_path, "benign/ONE_mask.png")
+    first = discover(tmp_path)
+    assert [(i.name, i.frame) for i in first.items] == [("benign/CINE", 1), ("benign/ONE.dcm", 1)]
+    every = discover(tmp_path, frames="all")
+    assert [(i.name, i.rel, i.frame) for i in every.items] == [
+        ("benign/CINE#1", "benign/CINE", 1), ("benign/CINE#2", "benign/CINE", 2), ("benign/CINE#3", "benign/CINE", 3),
+        ("benign/ONE.dcm", "benign/ONE.dcm", 1),
+    ]
+    assert [len(i.truth_masks) for i in every.items] == [0, 1, 0, 1]  # per frame; .dcm dropped from the stem
+    assert {i.true_class for i in every.items} == {"benign"}
+    with pytest.raises(UsageError, match="--frames"):
+        discover(tmp_path, frames="some")
+
+
+def test_corrupt_dicom_is_still_an_item(tmp_path: Path) -> None:
+    touch(tmp_path, "IM0004", b"\0" * 128 + b"DICM" + bytes(range(256)) * 8)
+    (item,) = discover(tmp_path).items
+    assert (item.name, item.is_dicom, item.dicom, item.frame) == ("IM0004", True, None, None)
+
+
+def test_anonymized_names_carry_no_patient_identifier(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from test_dicom import gradient, make_dicom
+
+    folder = tmp_path / "DOE_JANE_PID73921"
+    make_dicom(folder / "IM0001", gradient(), sop_uid="1.2.3.1")
+    make_dicom(folder / "copy" / "IM0001", gradient(), sop_uid="1.2.3.1")  # the same instance twice
+    touch(folder, "Jane notes 2019-04-17.png")
+    os.symlink(folder / "copy", folder / "link")
+    found = discover(folder.parent, anonymize=True)
+    names = [i.name for i in found.items]
+    # sorted by path: IM0001, "Jane notes ….png", copy/IM0001 (the second copy gets a hash of its path)
+    assert names[0] == "1.2.3.1" and names[2].startswith("1.2.3.1~") and len(set(names)) == 3
+    assert names[1] == "[removed]_[removed]_[removed]/[removed] notes [removed].png"
+    assert found.skipped == [("[removed]_[removed]_[removed]/link", "symbolic link to a folder is not followed")]
+    assert found.scrub("/data/DOE_JANE_PID73921/x") == "/data/[removed]_[removed]_[removed]/x"
+    assert discover(folder.parent).scrub("DOE") == "DOE"  # not anonymised: nothing is scrubbed

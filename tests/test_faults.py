@@ -17,16 +17,22 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import active_children, resource_sharer
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from busi_batch import pipeline
 from busi_batch.cli import app
+from busi_batch.discover import discover
 from busi_batch.imageio import TEMP_PREFIX
+from busi_batch.inference import predict
+from busi_batch.model import load_model
 from busi_batch.records import read_journal, read_results_csv
 from conftest import make_tiny_checkpoint
 
@@ -59,11 +65,13 @@ def invoke(*args: str | Path):
     return runner.invoke(app, ["run", *map(str, args)])
 
 
-def start_run(study: Path, out: Path, weights: Path, *extra: str) -> subprocess.Popen:
-    """The real CLI in a new session (its own process group), stderr captured."""
+def start_run(
+    study: Path, out: Path, weights: Path, *extra: str, python: list[str] | None = None
+) -> subprocess.Popen:
+    """The real CLI in a new session (its own process group), stderr captured; ``python``: how to start it."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "busi_batch", "run", str(study), "--out", str(out), "--weights", str(weights),
-           "--quiet", *extra]
+    cmd = [sys.executable, *(python or ["-m", "busi_batch"]), "run", str(study), "--out", str(out),
+           "--weights", str(weights), "--quiet", *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -354,18 +362,51 @@ def test_full_disk_mid_run_is_fatal_clear_and_leaves_valid_files(
 # ------------------------------------------------------------------------------------------------ workers
 
 
+# The main process fetches each batch tensor's shared-memory descriptor from the worker that sent it. When that
+# worker has just been killed, the fetch fails with ConnectionResetError a moment before the worker can be reaped
+# (a moment a loaded machine stretches), and PyTorch passed the socket error on as it was: an uncaught exception
+# whose traceback kept PyTorch's iterator, and so its workers, alive until exit, where multiprocessing SIGTERMs
+# them (they block SIGTERM) and waits without a timeout: the run hung. This makes that moment certain.
+WORKER_KILLED_AS_ITS_BATCH_IS_FETCHED = """
+import errno, os, signal, sys
+from multiprocessing import active_children, resource_sharer
+from pathlib import Path
+from busi_batch.pipeline import JOURNAL_NAME
+journal, detach = Path(sys.argv[sys.argv.index("--out") + 1]) / JOURNAL_NAME, resource_sharer.DupFd.detach
+def fetch_from_a_worker_just_killed(self):  # the first batch fetched once two rows are saved
+    if journal.exists() and journal.read_bytes().count(b"\\n") >= 2:
+        resource_sharer.DupFd.detach = detach
+        os.kill(min(p.pid for p in active_children()), signal.SIGKILL)
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    return detach(self)
+resource_sharer.DupFd.detach = fetch_from_a_worker_just_killed
+sys.argv[0] = "busi-batch"
+from busi_batch.cli import main
+main()
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("moment", ["any", "as its batch is fetched"])
 def test_a_killed_decoding_worker_is_a_clear_fatal_error(
-    fault_study: Path, tiny_weights: Path, tmp_path: Path
+    moment: str, fault_study: Path, tiny_weights: Path, tmp_path: Path
 ) -> None:
     """The OOM killer takes a worker: one clear line, exit 1, what was done saved, the rerun completes."""
     out = tmp_path / "out"
-    proc = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2")
-    assert wait_for(lambda: journal_rows(out) >= 2, proc=proc), proc.communicate()[1]
-    workers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
-    assert workers, "no decoding workers found"
-    os.kill(workers[0], signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)
+    if moment == "any":  # from outside, once the run is under way: wherever the main process then is
+        proc = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2")
+        assert wait_for(lambda: journal_rows(out) >= 2, timeout=600, proc=proc), proc.communicate()[1]
+        workers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
+        assert workers, "no decoding workers found"
+        os.kill(workers[0], signal.SIGKILL)
+    else:
+        proc = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2",
+                         python=["-c", WORKER_KILLED_AS_ITS_BATCH_IS_FETCHED])
+    try:
+        _, stderr = proc.communicate(timeout=300)  # a hang is for ever; a loaded machine needs a while to exit
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr
     assert "error: a decoding worker process died" in stderr and "run again to resume" in stderr
@@ -374,6 +415,37 @@ def test_a_killed_decoding_worker_is_a_clear_fatal_error(
     assert json.loads((out / pipeline.RUN_JSON).read_text())["status"] == "failed"
     rerun = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "2", "-j", "0")
     assert rerun.exit_code == 3 and len(read_results_csv(out / pipeline.CSV_NAME)) == 37
+
+
+def test_predict_names_a_worker_killed_as_its_batch_is_fetched_and_stops_the_others_at_once(
+    fault_study: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same moment as above, in-process: the error names the dead worker, and no worker outlives predict.
+
+    ``caught`` keeps the exception, and so PyTorch's iterator, referenced, as ``sys.last_traceback`` does for an
+    uncaught one: the other worker must be gone anyway, not whenever the iterator is garbage collected.
+    """
+    loaded = load_model(tiny_weights, torch.device("cpu"))
+    items = discover(fault_study).items
+    before = {p.pid for p in active_children()}
+    detach = resource_sharer.DupFd.detach
+    seen: dict[str, Any] = {"fetches": 0}
+
+    def fetch_from_a_worker_just_killed(self):
+        seen["fetches"] += 1
+        if seen["fetches"] == 3:
+            seen["workers"] = sorted(p.pid for p in active_children() if p.pid not in before)
+            os.kill(seen["workers"][0], signal.SIGKILL)
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return detach(self)
+
+    monkeypatch.setattr(resource_sharer.DupFd, "detach", fetch_from_a_worker_just_killed)
+    with pytest.raises(RuntimeError, match="DataLoader worker") as caught:
+        for _ in predict(loaded, items, batch_size=2, workers=2, with_truth=False):
+            pass
+    victim, other = seen["workers"]
+    assert str(victim) in str(caught.value) and str(other) not in str(caught.value)
+    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in (victim, other)), timeout=10)
 
 
 # ------------------------------------------------------------------------------------------------ changed inputs

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from busi_batch.postprocess import area_mm2, binarise, lesion_area, lesion_count, probability_to_size
+from busi_batch.postprocess import (
+    MaskRules, area_mm2, binarise, lesion_area, lesion_count, lesion_mask, probability_to_size, remove_small_components,
+)
 
 
 def test_area_and_components() -> None:
@@ -24,6 +26,39 @@ def test_probability_resized_to_image_size_then_thresholded() -> None:
     full = binarise(probability_to_size(prob, 30, 50), 0.5)
     assert full.shape == (30, 50)
     assert full[:, :24].all() and not full[:, 26:].any()
+
+
+def test_small_components_are_dropped_and_large_ones_kept_whole() -> None:
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:8] = True  # 36 px
+    mask[15, 15] = True  # 1 px speck
+    mask[12:14, 2:4] = True  # 4 px
+    kept = remove_small_components(mask, 4)
+    assert kept[2:8, 2:8].all() and kept[12:14, 2:4].all() and not kept[15, 15]
+    assert lesion_area(remove_small_components(mask, 5)) == 36
+    assert np.array_equal(remove_small_components(mask, 0), mask)
+
+
+def test_lesion_mask_applies_the_rules_in_order() -> None:
+    prob = np.zeros((10, 10), np.float32)
+    prob[1:6, 1:6] = 0.8  # 25% of the frame
+    prob[8, 8] = 0.45  # faint speck: kept only by a low threshold
+    plain = lesion_mask(prob, 10, 10, "benign")
+    assert lesion_area(plain) == 25
+    low = lesion_mask(prob, 10, 10, "benign", MaskRules(threshold=0.4))
+    assert lesion_area(low) == 26 and lesion_count(low) == 2
+    cleaned = lesion_mask(prob, 10, 10, "benign", MaskRules(threshold=0.4, min_component_fraction=0.02))
+    assert lesion_area(cleaned) == 25 and lesion_count(cleaned) == 1
+    rules = MaskRules(empty_when_normal=True)
+    assert not lesion_mask(prob, 10, 10, "normal", rules).any()
+    assert lesion_area(lesion_mask(prob, 10, 10, "malignant", rules)) == 25
+    assert lesion_mask(prob, 30, 40, "normal", rules).shape == (30, 40)
+
+
+def test_mask_rules_key_tells_rules_apart() -> None:
+    keys = {MaskRules().key(), MaskRules(0.4).key(), MaskRules(min_component_fraction=0.001).key(),
+            MaskRules(empty_when_normal=True).key()}
+    assert len(keys) == 4
 
 
 def test_area_mm2() -> None:

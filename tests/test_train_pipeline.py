@@ -18,10 +18,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from busi_batch.classes import CLASS_NAMES  # noqa: E402
 from busi_batch.model import load_model  # noqa: E402
+from busi_batch.postprocess import MaskRules  # noqa: E402
 from train.augment import augment_pair, build_augment  # noqa: E402
 from train.calibrate import fit_temperature  # noqa: E402
 from train.fit import DEFAULTS, EMA, fit, lr_factor, merge, select_folds  # noqa: E402
 from train.losses import ClassificationLoss, SegmentationLoss, class_weights, soft_dice_loss  # noqa: E402
+from train.tune_mask import RuleScore, choose  # noqa: E402
 from train.prepare import delta_decode, delta_encode, load_cache, prepare, save_cache  # noqa: E402
 
 
@@ -209,6 +211,24 @@ def test_tiny_fit_then_export_and_evaluate(fake_busi: Path, tmp_path: Path) -> N
     assert saved["metrics"]["curated_subset"]["classification"]["n_images"] == 1  # benign 1: curated and test
     assert card.temperature > 0 and loaded.card.weights_sha256 == card.weights_sha256
     assert "ece_before" in saved["extra"]["calibration"]
+    rules = saved["extra"]["mask_rules"]  # chosen on validation fold 0 (3 images), recorded with its scores
+    assert rules["fold"] == "0" and rules["n_images"] == 3
+    assert loaded.card.mask_rules() == MaskRules(rules["chosen"]["threshold"], rules["chosen"]["min_component_fraction"],
+                                                 rules["chosen"]["empty_when_normal"])
+    assert saved["metrics"]["evaluation"]["mask_rules"] == loaded.card.mask_rules().key()
+
+
+def test_mask_rule_choice_prefers_the_simplest_of_the_near_best() -> None:
+    scores = [
+        RuleScore(MaskRules(0.5), 0.700, 0.5, None),
+        RuleScore(MaskRules(0.4), 0.702, 0.5, None),  # within the tie: no better than plain 0.5
+        RuleScore(MaskRules(0.5, 0.001, True), 0.760, 0.5, None),
+        RuleScore(MaskRules(0.5, 0.0, True), 0.758, 0.5, None),  # as good, one rule fewer
+        RuleScore(MaskRules(0.3, 0.0, True), 0.759, 0.5, None),
+    ]
+    assert choose(scores).rules == MaskRules(0.5, 0.0, True)
+    assert choose(scores[:2]).rules == MaskRules(0.5)
+    assert choose(scores[:2], tie=0.0).rules == MaskRules(0.4)
 
 
 def test_fit_temperature_recovers_a_known_temperature() -> None:

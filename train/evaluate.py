@@ -1,8 +1,8 @@
 """Held-out test metrics of a checkpoint, at each image's native resolution, through the production path.
 
 Images go through ``busi_batch.inference.predict`` (decode -> preprocess -> forward, temperature applied), the
-lesion probability is resized to the image's own size and binarised with the card's threshold
-(``busi_batch.postprocess``), and scored with ``busi_batch.metrics``: the numbers are what ``busi-batch run``
+lesion probability becomes a mask at the image's own size under the card's mask rules
+(``busi_batch.postprocess.lesion_mask``), and scored with ``busi_batch.metrics``: the numbers are what ``busi-batch run``
 would report on the same images, not cache-resolution proxies.
 
 Reported on the split's ``test`` fold, and on the test images that are also in the curated, redundancy-free
@@ -30,7 +30,7 @@ from busi_batch.discover import ImageItem, discover
 from busi_batch.imageio import atomic_write_text
 from busi_batch.inference import Prediction, predict
 from busi_batch.model import LoadedModel, load_model, sha256_file
-from busi_batch.postprocess import binarise, probability_to_size
+from busi_batch.postprocess import MaskRules, lesion_mask
 
 from .split import TEST, load_split
 
@@ -50,11 +50,12 @@ class ImageScore:
     pred_has_lesion: bool
 
 
-def score_prediction(item: ImageItem, pred: Prediction, threshold: float) -> ImageScore:
+def score_prediction(item: ImageItem, pred: Prediction, rules: MaskRules) -> ImageScore:
     """Full-size binary mask from the prediction, compared with the item's ground truth (the CLI's rule)."""
     if pred.error is not None or pred.truth_mask is None:
         raise RuntimeError(f"{item.rel}: {pred.error or pred.truth_error or 'no ground-truth mask'}")
-    mask = binarise(probability_to_size(pred.lesion_probability, pred.height, pred.width), threshold)
+    predicted = CLASS_NAMES[int(np.argmax(pred.probabilities))]
+    mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, predicted, rules)
     truth = pred.truth_mask
     return ImageScore(
         rel=item.rel,
@@ -70,9 +71,9 @@ def score_prediction(item: ImageItem, pred: Prediction, threshold: float) -> Ima
 def score_items(
     loaded: LoadedModel, items: list[ImageItem], tta: bool = False, batch_size: int = 16, workers: int = 0
 ) -> list[ImageScore]:
-    threshold = loaded.card.threshold
+    rules = loaded.card.mask_rules()
     preds = predict(loaded, items, batch_size=batch_size, workers=workers, tta=tta)
-    return [score_prediction(items[p.index], p, threshold) for p in preds]
+    return [score_prediction(items[p.index], p, rules) for p in preds]
 
 
 def summarise(scores: list[ImageScore], n_boot: int = 1000) -> dict[str, Any]:
@@ -96,13 +97,13 @@ def curated_names(csv_path: Path) -> set[str]:
     return {f"{c.strip()}/{c.strip()} ({int(i)}).png" for c, i in zip(table["class"], table["id"])}
 
 
-def test_items(data: Path, split: pd.DataFrame) -> list[ImageItem]:
-    """The discovered images whose split fold is ``test``; every test row must exist on disk."""
-    wanted = set(split.loc[split["fold"] == TEST, "image"])
+def fold_items(data: Path, split: pd.DataFrame, fold: str = TEST) -> list[ImageItem]:
+    """The discovered images of one split fold (``test`` or "0".."4"); every row of it must exist on disk."""
+    wanted = set(split.loc[split["fold"] == fold, "image"])
     items = [item for item in discover(data).items if item.rel in wanted]
     missing = wanted - {item.rel for item in items}
     if missing:
-        raise FileNotFoundError(f"{len(missing)} test images not found under {data} (first: {sorted(missing)[0]})")
+        raise FileNotFoundError(f"{len(missing)} {fold} images not found under {data} (first: {sorted(missing)[0]})")
     return items
 
 
@@ -112,7 +113,7 @@ def evaluate(
     """Metrics on the test fold, plus ``curated_subset`` and an ``evaluation`` block saying what was measured."""
     loaded = load_model(weights)
     split = load_split(split_path)
-    items = test_items(Path(data), split)
+    items = fold_items(Path(data), split, TEST)
     scores = score_items(loaded, items, tta=tta, workers=workers)
     result = summarise(scores, n_boot)
     curated_csv = Path(data) / "curated_subset_aumente2024.csv"
@@ -126,8 +127,9 @@ def evaluate(
         "split_file": split_path.name,
         "split_sha256": sha256_file(split_path),
         "weights_sha256": loaded.sha256,
-        "resolution": "native (lesion probability resized to each image, binarised at the card threshold)",
+        "resolution": "native (lesion probability resized to each image, mask by the card's mask rules)",
         "threshold": loaded.card.threshold,
+        "mask_rules": loaded.card.mask_rules().key(),
         "temperature": loaded.card.temperature,
         "tta": tta,
     }
@@ -151,11 +153,17 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def checkpoint_parser(description: str | None) -> argparse.ArgumentParser:
+    """Command-line options shared by the tools that score a checkpoint on BUSI: weights, data folder, split."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v1.pt"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/busi"))
     parser.add_argument("--split", type=Path, default=Path("train/splits/busi_v1.csv"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = checkpoint_parser(__doc__)
     parser.add_argument("--tta", action="store_true", help="also run the horizontally flipped image")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")

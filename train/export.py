@@ -2,7 +2,8 @@
 and held-out test metrics.
 
 Steps: load the run's ``best.pt`` (EMA weights), fit the temperature on the validation-fold logits, save with
-``busi_batch.model.save_model`` (which hashes the ``.pt`` into the card), evaluate the saved checkpoint on the test
+``busi_batch.model.save_model`` (which hashes the ``.pt`` into the card), choose the mask rules on the validation
+fold (``train.tune_mask``), evaluate the saved checkpoint on the test
 fold through the production inference path, then write the metrics into the card. Only the JSON card is
 rewritten after evaluation: the ``.pt`` and its sha256 stay exactly as evaluated.
 
@@ -26,9 +27,12 @@ import yaml
 
 from busi_batch.classes import CLASS_NAMES
 from busi_batch.imageio import atomic_write_text
-from busi_batch.model import WEIGHTS_DIR, ModelCard, MultiTaskUNet, card_path_for, save_model, sha256_file
+from busi_batch.model import (
+    WEIGHTS_DIR, ModelCard, MultiTaskUNet, card_path_for, load_model, save_model, sha256_file,
+)
 
 from . import evaluate as evaluation
+from . import tune_mask
 from .calibrate import Calibration, calibrate_run
 from .fit import unet_config
 
@@ -124,7 +128,7 @@ def half_matches(fp32: dict[str, Any], fp16: dict[str, Any]) -> bool:
 
 def export(
     run: Path, name: str, weights_dir: Path = WEIGHTS_DIR, half: bool = False, data: Path | None = None,
-    n_boot: int = 1000,
+    n_boot: int = 1000, tune_rules: bool = True,
 ) -> ModelCard:
     """Write ``weights_dir/name.pt`` + ``.json`` from the run and fill the card's test metrics."""
     run = Path(run)
@@ -137,6 +141,16 @@ def export(
     split = Path(config["split"])
 
     card = save_model(network, card, weights, half=False)
+    if tune_rules:
+        tuning = tune_mask.tune(load_model(weights), data, split, str(config["val_fold"]))
+        chosen = tuning["chosen"]
+        card = dataclasses.replace(
+            card, threshold=chosen["threshold"], min_component_fraction=chosen["min_component_fraction"],
+            empty_when_normal=chosen["empty_when_normal"],
+        )
+        card.extra["mask_rules"] = {k: tuning[k] for k in ("fold", "n_images", "criterion", "chosen", "default")}
+        print(f"mask rules (validation fold {tuning['fold']}): {chosen}  [default: {tuning['default']}]")
+        card = save_model(network, card, weights, half=False)
     metrics = evaluation.evaluate(weights, data, split, n_boot=n_boot)
     print("float32:\n" + evaluation.table(metrics))
     if half:
@@ -162,8 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--data", type=Path, default=None, help="BUSI folder (default: the run config's)")
     parser.add_argument("--half", action="store_true", help="store float16 weights if test metrics do not move")
+    parser.add_argument("--plain-mask", action="store_true",
+                        help="keep the plain 0.5 threshold instead of choosing mask rules on the validation fold")
     args = parser.parse_args(argv)
-    card = export(args.run, args.name, args.weights_dir, half=args.half, data=args.data)
+    card = export(args.run, args.name, args.weights_dir, half=args.half, data=args.data,
+                  tune_rules=not args.plain_mask)
     weights = Path(args.weights_dir) / f"{args.name}.pt"
     print(f"wrote {weights} ({card.weights_dtype}, sha256 {card.weights_sha256[:12]}…, T={card.temperature})")
 

@@ -1,0 +1,122 @@
+"""Choose a checkpoint's mask rules (threshold, speck removal, no mask on a *normal* verdict) on the validation fold.
+
+The network's lesion probability is only half of the reported mask: how it is thresholded and cleaned decides
+Dice as much as the weights do, above all on normal images, where any outline at all scores 0 under the metric's
+empty-mask rule. The rules are chosen here, on the validation fold only (never on test), by mean per-image Dice over
+*all* images (``dice_mean_all``: lesion images and lesion-free ones, which count 1 only when left empty) at native
+resolution through the production path (``busi_batch.inference.predict`` +
+``busi_batch.postprocess.lesion_mask``), and stored in the model card by ``train.export``.
+
+The grid is deliberately small (threshold x minimum component size x normal rule): ~125 validation images cannot
+support a finer search without fitting their noise. Among rules within ``TIE`` of the best Dice the simplest wins
+(plain rules before added ones, threshold nearest 0.5).
+
+    python -m train.tune_mask --weights busi_batch/weights/busi_unet_v1.pt --fold 0
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from busi_batch import metrics
+from busi_batch.classes import CLASS_NAMES
+from busi_batch.inference import Prediction, predict
+from busi_batch.model import LoadedModel, load_model
+from busi_batch.postprocess import MaskRules, lesion_mask
+
+from .evaluate import checkpoint_parser, fold_items
+from .split import load_split
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_COMPONENT_FRACTIONS = (0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01)
+#: Rules whose validation Dice is within this of the best count as equally good; the simplest of them is chosen.
+TIE = 0.003
+
+
+@dataclass
+class RuleScore:
+    rules: MaskRules
+    dice_all: float  # the criterion: every image, empty-mask rule
+    dice: float  # lesion images only (the headline ``dice_mean``)
+    false_positive_rate_normal: float | None
+
+
+def candidate_rules() -> list[MaskRules]:
+    return [MaskRules(t, m, e) for t, m, e in itertools.product(THRESHOLDS, MIN_COMPONENT_FRACTIONS, (False, True))]
+
+
+def score_rules(preds: list[Prediction], rules: MaskRules) -> RuleScore:
+    """Mean per-image Dice of ``preds`` under ``rules``: over all images and over lesion images."""
+    dice, iou, truth_any, pred_any = [], [], [], []
+    for pred in preds:
+        predicted = CLASS_NAMES[int(np.argmax(pred.probabilities))]
+        mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, predicted, rules)
+        dice.append(metrics.dice_score(mask, pred.truth_mask))
+        iou.append(metrics.iou_score(mask, pred.truth_mask))
+        truth_any.append(bool(pred.truth_mask.any()))
+        pred_any.append(bool(mask.any()))
+    seg = metrics.segmentation_metrics(dice, iou, truth_any, pred_any)
+    return RuleScore(rules, seg["dice_mean_all"], seg["dice_mean"], seg["false_positive_rate_normal"])
+
+
+def complexity(rules: MaskRules) -> tuple[int, float, float]:
+    """Smaller is simpler: fewer extra rules, then threshold nearer 0.5, then smaller speck size."""
+    extras = int(rules.empty_when_normal) + int(rules.min_component_fraction > 0)
+    return extras, abs(rules.threshold - 0.5), rules.min_component_fraction
+
+
+def choose(scores: list[RuleScore], tie: float = TIE) -> RuleScore:
+    """The simplest rules whose all-image Dice is within ``tie`` of the best."""
+    best = max(s.dice_all for s in scores)
+    return min((s for s in scores if s.dice_all >= best - tie), key=lambda s: complexity(s.rules))
+
+
+def tune(loaded: LoadedModel, data: Path, split_path: Path, fold: str, workers: int = 0) -> dict[str, Any]:
+    """Score every candidate on validation fold ``fold``; returns the chosen rules, the default's score, the grid."""
+    items = fold_items(Path(data), load_split(split_path), fold)
+    preds = []
+    for pred in predict(loaded, items, workers=workers):
+        if pred.error is not None or pred.truth_mask is None:
+            raise RuntimeError(f"{items[pred.index].rel}: {pred.error or pred.truth_error or 'no ground truth'}")
+        preds.append(pred)
+    scores = [score_rules(preds, rules) for rules in candidate_rules()]
+    chosen = choose(scores)
+    default = next(s for s in scores if s.rules == MaskRules())
+    return {
+        "fold": fold,
+        "n_images": len(preds),
+        "criterion": f"mean per-image Dice over all images (dice_mean_all) at native resolution; simplest rules "
+                     f"within {TIE} of the best",
+        "chosen": _row(chosen),
+        "default": _row(default),
+        "grid": [_row(s) for s in scores],
+    }
+
+
+def _row(score: RuleScore) -> dict[str, Any]:
+    fpr = score.false_positive_rate_normal
+    return {**asdict(score.rules), "dice_mean_all": round(score.dice_all, 4), "dice_mean": round(score.dice, 4),
+            "false_positive_rate_normal": None if fpr is None else round(fpr, 4)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = checkpoint_parser(__doc__)
+    parser.add_argument("--fold", default="0", help="validation fold (never 'test')")
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.fold == "test":
+        parser.error("mask rules are chosen on a validation fold, never on the test portion")
+    result = tune(load_model(args.weights), args.data, args.split, args.fold, args.workers)
+    for row in sorted(result["grid"], key=lambda r: -r["dice_mean_all"])[:10]:
+        print(row)
+    print("default:", result["default"])
+    print("chosen: ", result["chosen"])
+
+
+if __name__ == "__main__":
+    main()
