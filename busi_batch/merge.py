@@ -9,7 +9,7 @@ Merge refuses, naming the folder and the reason, rather than produce a plausible
 
 * a folder that is not a finished run (``run.json`` says running: killed or still going; interrupted; failed;
   or a journal is left), or whose CSV does not have one row per image the run found;
-* folders made by different models (weights sha256) or with different settings (TTA, threshold), or with
+* folders made by different models (weights sha256) or with different settings (TTA, mask rules), or with
   different ``--frames`` / ``--anonymize`` (their image names would not describe one study);
 * a mix of sharded and unsharded folders, shards of different N, the same shard twice, a missing shard, or shards
   that saw different studies (a different number of images in the whole study);

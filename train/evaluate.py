@@ -84,11 +84,16 @@ def summarise(scores: list[ImageScore], n_boot: int = 1000) -> dict[str, Any]:
         "classification": metrics.classification_metrics(
             [s.true_class for s in scores], probs.argmax(axis=1).tolist(), probs, CLASS_NAMES, n_boot=n_boot
         ),
-        "segmentation": metrics.segmentation_metrics(
-            [s.dice for s in scores], [s.iou for s in scores],
-            [s.truth_has_lesion for s in scores], [s.pred_has_lesion for s in scores],
-        ),
+        "segmentation": segmentation_summary(scores),
     }
+
+
+def segmentation_summary(scores: list[ImageScore]) -> dict[str, Any]:
+    """``metrics.segmentation_metrics`` of scored images (the ``segmentation`` block of ``metrics.json``)."""
+    return metrics.segmentation_metrics(
+        [s.dice for s in scores], [s.iou for s in scores],
+        [s.truth_has_lesion for s in scores], [s.pred_has_lesion for s in scores],
+    )
 
 
 def curated_names(csv_path: Path) -> set[str]:

@@ -21,15 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from busi_batch import metrics
-from busi_batch.classes import CLASS_NAMES
+from busi_batch.discover import ImageItem
 from busi_batch.inference import Prediction, predict
 from busi_batch.model import LoadedModel, load_model
-from busi_batch.postprocess import MaskRules, lesion_mask
+from busi_batch.postprocess import MaskRules
 
-from .evaluate import checkpoint_parser, fold_items
+from .evaluate import checkpoint_parser, fold_items, score_prediction, segmentation_summary
 from .split import load_split
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -50,17 +47,9 @@ def candidate_rules() -> list[MaskRules]:
     return [MaskRules(t, m, e) for t, m, e in itertools.product(THRESHOLDS, MIN_COMPONENT_FRACTIONS, (False, True))]
 
 
-def score_rules(preds: list[Prediction], rules: MaskRules) -> RuleScore:
-    """Mean per-image Dice of ``preds`` under ``rules``: over all images and over lesion images."""
-    dice, iou, truth_any, pred_any = [], [], [], []
-    for pred in preds:
-        predicted = CLASS_NAMES[int(np.argmax(pred.probabilities))]
-        mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, predicted, rules)
-        dice.append(metrics.dice_score(mask, pred.truth_mask))
-        iou.append(metrics.iou_score(mask, pred.truth_mask))
-        truth_any.append(bool(pred.truth_mask.any()))
-        pred_any.append(bool(mask.any()))
-    seg = metrics.segmentation_metrics(dice, iou, truth_any, pred_any)
+def score_rules(predictions: list[tuple[ImageItem, Prediction]], rules: MaskRules) -> RuleScore:
+    """Mean per-image Dice under ``rules``, over all images and over lesion images (``train.evaluate``'s scoring)."""
+    seg = segmentation_summary([score_prediction(item, pred, rules) for item, pred in predictions])
     return RuleScore(rules, seg["dice_mean_all"], seg["dice_mean"], seg["false_positive_rate_normal"])
 
 
@@ -79,11 +68,7 @@ def choose(scores: list[RuleScore], tie: float = TIE) -> RuleScore:
 def tune(loaded: LoadedModel, data: Path, split_path: Path, fold: str, workers: int = 0) -> dict[str, Any]:
     """Score every candidate on validation fold ``fold``; returns the chosen rules, the default's score, the grid."""
     items = fold_items(Path(data), load_split(split_path), fold)
-    preds = []
-    for pred in predict(loaded, items, workers=workers):
-        if pred.error is not None or pred.truth_mask is None:
-            raise RuntimeError(f"{items[pred.index].rel}: {pred.error or pred.truth_error or 'no ground truth'}")
-        preds.append(pred)
+    preds = [(items[pred.index], pred) for pred in predict(loaded, items, workers=workers)]
     scores = [score_rules(preds, rules) for rules in candidate_rules()]
     chosen = choose(scores)
     default = next(s for s in scores if s.rules == MaskRules())
