@@ -1,12 +1,15 @@
 """``busi-batch bench``: the batched pipeline against the one-image-at-a-time baseline, in one process.
 
-Three numbers on the same images and the same model:
+Numbers on the same images and the same model:
 
 * **baseline**: what the reference implementation did: for each image read, decode, preprocess, forward pass at
-  batch 1, post-process, encode and save the mask; the CSV at the end.
+  batch 1 in fp32, post-process, encode and save the mask; the CSV at the end.
+* **baseline at the pipeline's precision**: the same loop with the forward pass in bf16, measured too when the
+  pipeline runs in bf16, so that the gain of batching and overlap can be told apart from that of precision.
 * **pipeline**: ``busi_batch.pipeline.run`` exactly as ``busi-batch run`` uses it (decoding workers, batching,
   masks back at input size, mask files, CSV, run.json), with ``--force`` so nothing is skipped.
-* **forward**: the network alone on random tensors at the chosen batch size: the ceiling the pipeline can reach.
+* **forward**: the network alone on random tensors at the chosen batch size and precision: the ceiling the
+  pipeline can reach.
 
 Rates are images per second of wall time; peak memory is the maximum resident set of this process plus that of
 its largest child (decoding workers).
@@ -14,6 +17,7 @@ its largest child (decoding workers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -30,7 +34,7 @@ from . import __version__
 from .discover import ImageItem, discover
 from .errors import ImageDecodeError, UsageError
 from .imageio import atomic_write_bytes, decode_input, encode_mask_png, read_bytes
-from .inference import Prediction, forward_probabilities, select_device, tune_cpu_allocator
+from .inference import Prediction, forward_probabilities, select_device, select_precision, tune_cpu_allocator
 from .model import LoadedModel, load_model
 from .pipeline import RunConfig, mask_relpaths, result_from_prediction, run, settings_key
 from .preprocess import model_input
@@ -44,10 +48,13 @@ class BenchResult:
 
     images: int
     baseline_images_per_s: float
+    baseline_same_precision_images_per_s: float | None
     pipeline_images_per_s: float
     forward_images_per_s: float
     speedup_vs_baseline: float
+    speedup_vs_same_precision_baseline: float | None
     pipeline_vs_forward: float
+    precision: str
     batch_size: int
     workers: int
     device: str
@@ -67,10 +74,20 @@ class BenchResult:
             ("device", self.device),
             ("model", f"{self.model} at {self.input_size}x{self.input_size}"),
             ("batch size / workers", f"{self.batch_size} / {self.workers}"),
-            ("baseline (1 image at a time)", f"{self.baseline_images_per_s:.1f} images/s"),
+            ("precision (pipeline, forward)", self.precision),
+            ("baseline (1 at a time, fp32)", f"{self.baseline_images_per_s:.1f} images/s"),
+        ]
+        if self.baseline_same_precision_images_per_s is not None:
+            rows.append((f"baseline (1 at a time, {self.precision})",
+                         f"{self.baseline_same_precision_images_per_s:.1f} images/s"))
+        rows += [
             ("pipeline (busi-batch run)", f"{self.pipeline_images_per_s:.1f} images/s"),
             ("forward pass alone", f"{self.forward_images_per_s:.1f} images/s"),
             ("pipeline / baseline", f"{self.speedup_vs_baseline:.2f}x"),
+        ]
+        if self.speedup_vs_same_precision_baseline is not None:
+            rows.append((f"pipeline / {self.precision} baseline", f"{self.speedup_vs_same_precision_baseline:.2f}x"))
+        rows += [
             ("pipeline / forward pass", f"{self.pipeline_vs_forward:.0%}"),
             ("peak memory", f"{self.peak_rss_mb:.0f} MB"),
             ("machine", f"{self.machine}, {self.cpu_count} CPUs, torch {self.torch_version}, "
@@ -146,11 +163,13 @@ def benchmark(
     workers: int = 2,
     baseline_limit: int | None = None,
     forward_seconds: float = 5.0,
+    precision: str = "auto",
 ) -> BenchResult:
     """Measure baseline, pipeline and forward rates on ``study`` (or a synthetic study of ``synthetic`` images)."""
     label = str(study) if study is not None else f"synthetic ({synthetic} images)"
     torch_device = select_device(device)
-    loaded = load_model(weights, torch_device)
+    loaded = load_model(weights, torch_device, select_precision(precision, torch_device))
+    reference = dataclasses.replace(loaded, precision="fp32")  # the same network, run as the reference ran it
     if torch_device.type == "cpu":
         tune_cpu_allocator()
     with tempfile.TemporaryDirectory(prefix="busi-bench-") as tmp:
@@ -169,21 +188,28 @@ def benchmark(
             except ImageDecodeError:
                 pass
         base_items = items[:baseline_limit] if baseline_limit else items
-        base_seconds = baseline(loaded, base_items, tmp_path / "baseline")
+        base_seconds = baseline(reference, base_items, tmp_path / "baseline")
+        same_seconds = None
+        if loaded.precision != reference.precision:
+            same_seconds = baseline(loaded, base_items, tmp_path / "baseline-same-precision")
         start = time.perf_counter()
         run(RunConfig(study=Path(study), out=tmp_path / "pipeline", weights=loaded.weights_path, device=device,
-                      batch_size=batch_size, workers=workers, force=True))
+                      precision=loaded.precision, batch_size=batch_size, workers=workers, force=True))
         pipe_seconds = time.perf_counter() - start
         forward = forward_rate(loaded, batch_size, forward_seconds)
     base_rate = len(base_items) / base_seconds
+    same_rate = len(base_items) / same_seconds if same_seconds is not None else None
     pipe_rate = len(items) / pipe_seconds
     return BenchResult(
         images=len(items),
         baseline_images_per_s=base_rate,
+        baseline_same_precision_images_per_s=same_rate,
         pipeline_images_per_s=pipe_rate,
         forward_images_per_s=forward,
         speedup_vs_baseline=pipe_rate / base_rate,
+        speedup_vs_same_precision_baseline=pipe_rate / same_rate if same_rate else None,
         pipeline_vs_forward=pipe_rate / forward,
+        precision=loaded.precision,
         batch_size=batch_size,
         workers=workers,
         device=str(torch_device) + (f" ({torch.cuda.get_device_name(torch_device)})"

@@ -75,6 +75,9 @@ def run(
     labels: Optional[Path] = typer.Option(None, help="CSV with columns image,class (ground-truth classes)."),
     masks: Optional[Path] = typer.Option(None, help="Folder of ground-truth masks mirroring STUDY's layout."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (auto = cuda when available)."),
+    precision: str = typer.Option(
+        "auto", help="Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16.",
+    ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes (0 = in the main process)."),
     tta: bool = typer.Option(False, "--tta", help="Average with the horizontally flipped image (slower)."),
@@ -114,7 +117,8 @@ def run(
     _configure_logging(quiet)
     with _exit_codes():
         config = RunConfig.for_study(
-            study, out, weights=weights, labels=labels, masks=masks, device=device, batch_size=batch_size,
+            study, out, weights=weights, labels=labels, masks=masks, device=device, precision=precision,
+            batch_size=batch_size,
             workers=workers, tta=tta, pixel_size_mm=pixel_size, force=force,
             progress=not quiet and sys.stderr.isatty(), shard=Shard.parse(shard) if shard is not None else None,
             frames=frames, anonymize=anonymize,
@@ -198,6 +202,9 @@ def bench(
     synthetic: int = typer.Option(200, help="Images in the synthetic study when STUDY is not given."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        "auto", help="Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16.",
+    ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes."),
     baseline_limit: Optional[int] = typer.Option(None, help="Time the baseline on the first N images only."),
@@ -211,7 +218,8 @@ def bench(
 
     _configure_logging(quiet=True)
     with _exit_codes():
-        result = benchmark(study, synthetic, weights, device, batch_size, workers, baseline_limit)
+        result = benchmark(study, synthetic, weights, device, batch_size, workers, baseline_limit,
+                           precision=precision)
     typer.echo(result.table())
     if json_out is not None:
         write_json(result, json_out)
@@ -223,6 +231,9 @@ def demo(
     port: int = typer.Option(7860, help="Port to listen on."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        "auto", help="Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16.",
+    ),
     pixel_size: Optional[float] = typer.Option(
         None, "--pixel-size", help="Pixel size in mm; the page then shows the lesion area in mm² too."
     ),
@@ -239,7 +250,8 @@ def demo(
     _configure_logging(quiet=False)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes of its local URL
     with _exit_codes():
-        serve(DemoConfig(host=host, port=port, weights=weights, device=device, pixel_size_mm=pixel_size))
+        serve(DemoConfig(host=host, port=port, weights=weights, device=device, precision=precision,
+                         pixel_size_mm=pixel_size))
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from .classes import CLASS_NAMES
 from .discover import IMAGE_SUFFIXES, ImageItem, discover
 from .errors import BusiBatchError, ImageDecodeError, UsageError
 from .imageio import load_image
-from .inference import predict, select_device
+from .inference import predict, select_device, select_precision
 from .model import LoadedModel, ModelCard, load_model
 from .overlay import outline_overlay
 from .pipeline import result_from_prediction, settings_key
@@ -77,6 +77,7 @@ class DemoConfig:
     port: int = DEFAULT_PORT
     weights: Path | None = None
     device: str = "auto"
+    precision: str = "auto"
     pixel_size_mm: float | None = None
 
 
@@ -382,7 +383,8 @@ def serve(config: DemoConfig) -> None:
     """Load the model, serve the page until Ctrl-C / SIGTERM. Raises BusiBatchError subclasses for the CLI."""
     validate(config)
     import_gradio()  # before the model: a missing extra is reported first and fast
-    loaded = load_model(config.weights, select_device(config.device))
+    device = select_device(config.device)
+    loaded = load_model(config.weights, device, select_precision(config.precision, device))
     page = build_app(loaded, example_items(), config.pixel_size_mm)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the demo and see its results",

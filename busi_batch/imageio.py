@@ -103,10 +103,12 @@ def read_header(data: bytes) -> ImageHeader:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
                 width, height = im.size
-                try:
-                    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-                except Exception:  # a damaged EXIF block is not worth refusing the pixels for
-                    orientation = 1
+                orientation = 1
+                if im.format != "PNG" or _png_may_hold_exif(data):
+                    try:
+                        orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+                    except Exception:  # a damaged EXIF block is not worth refusing the pixels for
+                        orientation = 1
                 return ImageHeader(
                     format=str(im.format), mode=str(im.mode), width=int(width), height=int(height),
                     orientation=orientation if 1 <= orientation <= 8 else 1,
@@ -189,6 +191,31 @@ def _png_complete(data: bytes) -> bool:
             return True
         pos = end
     return False
+
+
+#: PNG chunks Pillow reads EXIF from: ``eXIf``, and text chunks under ImageMagick's keyword.
+_PNG_EXIF_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+_PNG_EXIF_KEYWORD = b"Raw profile type exif\x00"
+
+
+def _png_may_hold_exif(data: bytes) -> bool:
+    """Whether a PNG has a chunk Pillow could read an EXIF orientation from (True when the layout is unclear).
+
+    Why it matters: for a PNG, Pillow's ``getexif()`` decodes the whole image to look for chunks after the pixel
+    data, which doubled the cost of reading a header. Most scanner exports carry no such chunk at all.
+    """
+    pos, size = len(_PNG_SIGNATURE), len(data)
+    while pos + 12 <= size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4:pos + 8]
+        if kind == b"eXIf":
+            return True
+        if kind in _PNG_EXIF_CHUNKS and data.startswith(_PNG_EXIF_KEYWORD, pos + 8):
+            return True
+        if kind == b"IEND":
+            return False
+        pos += 12 + length
+    return True
 
 
 def _decode_with_opencv(data: bytes, header: ImageHeader) -> np.ndarray | None:
@@ -294,8 +321,16 @@ def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
-    """A bool mask as a single-channel 8-bit PNG with values 0 and 255."""
-    return encode_png(mask.astype(np.uint8) * 255)
+    """A bool mask as a single-channel 8-bit PNG with values 0 and 255.
+
+    No PNG row filter: a two-valued image gains nothing from prediction, and libpng's adaptive choice among the
+    five filters made encoding about 5x slower (measured on 600x800 masks) for a slightly larger file.
+    """
+    ok, buffer = cv2.imencode(".png", mask.astype(np.uint8) * 255,
+                              [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
+    if not ok:
+        raise OutputWriteError("PNG encoding failed")
+    return buffer.tobytes()
 
 
 def _current_umask() -> int:

@@ -11,6 +11,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import multiprocessing
 import multiprocessing.util  # noqa: F401  its exit handler is registered before ours, so ours runs first
 import os
 import pickle
@@ -18,7 +19,7 @@ import signal
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,18 +64,57 @@ class Prediction:
     error: str | None = None
 
 
+class DecodeGate:
+    """Holds the decoding workers back while the network runs on the CPU.
+
+    On a CPU the forward pass already uses every core; workers decoding at the same time pre-empt its threads,
+    and the other threads then wait at the next synchronisation point. Measured on 2 cores (bf16, batch 16, 300
+    images): the forward passes took 4.2 s inside the pipeline against 3.1 s alone; with the gate 3.1 s, and the
+    whole run 4.9 -> 4.2 s. With the gate, decoding fills the moments
+    the network is not running (mask writing, waiting for a batch) and the two alternate, each with all the
+    cores. Unlike a lower priority for the workers it cannot starve them on a machine busy with other work.
+    Not used on a GPU, where the forward pass leaves the CPU free.
+    """
+
+    def __init__(self) -> None:
+        self._open = multiprocessing.get_context().Event()  # the context DataLoader starts its workers with
+        self._open.set()
+        self._parent = os.getpid()
+
+    @contextmanager
+    def closed(self) -> Iterator[None]:
+        """Shut for the duration of a forward pass (re-opened however it ends)."""
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    def wait(self) -> None:
+        """In a worker: return once the gate is open; leave if the main process is gone (never wait for ever)."""
+        while not self._open.wait(timeout=1.0):
+            if os.getppid() != self._parent:
+                raise SystemExit(1)
+
+
 class StudyDataset(Dataset):
     """Decodes one item: its pixels at model size and, when present, its ground-truth mask at native size."""
 
-    def __init__(self, items: Sequence[ImageItem], size: int, mean: float, std: float, with_truth: bool = True):
+    def __init__(
+        self, items: Sequence[ImageItem], size: int, mean: float, std: float, with_truth: bool = True,
+        gate: DecodeGate | None = None,
+    ):
         self.items = list(items)
         self.size, self.mean, self.std = size, mean, std
         self.with_truth = with_truth
+        self.gate = gate
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> DecodedImage:
+        if self.gate is not None:
+            self.gate.wait()
         item = self.items[index]
         try:
             data = read_bytes(item.path)
@@ -149,6 +189,45 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+#: ``--precision`` choices: ``auto`` is bf16 where the hardware computes it natively, fp32 elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions in hardware: a CUDA GPU that supports it, or an x86 CPU with
+    AMX or AVX512-BF16 (read from ``/proc/cpuinfo``; elsewhere, False).
+
+    Why not ask oneDNN: PyTorch's own check also says yes on CPUs that only emulate bf16, where it is slower
+    than fp32. Measured on this project's Xeon (AMX): the U-Net's forward pass runs about 2.4x faster.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def select_precision(name: str, device: torch.device) -> str:
+    """Resolve ``--precision``: ``auto`` -> bf16 where :func:`native_bf16`, else fp32; an explicit choice stands."""
+    if name not in PRECISIONS:
+        raise UsageError(f"unknown precision {name!r}; expected {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
 def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
     if name == "auto":
@@ -171,7 +250,7 @@ def forward_probabilities(
     """
     network = loaded.network
     device = next(network.parameters()).device
-    use_amp = device.type == "cuda"
+    use_amp = loaded.precision == "bf16"
     batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     views = [batch, torch.flip(batch, dims=[3])] if tta else [batch]
     class_probs, lesion_probs = [], []
@@ -325,10 +404,12 @@ def predict(
 ) -> Iterator[Prediction]:
     """Yield one Prediction per item, in the items' order, running the network batch by batch."""
     card = loaded.card
-    dataset = StudyDataset(
-        items, card.input_size, card.normalisation["mean"], card.normalisation["std"], with_truth=with_truth
-    )
     device = next(loaded.network.parameters()).device
+    gate = DecodeGate() if workers and device.type == "cpu" else None
+    dataset = StudyDataset(
+        items, card.input_size, card.normalisation["mean"], card.normalisation["std"], with_truth=with_truth,
+        gate=gate,
+    )
     if device.type == "cpu":
         tune_cpu_allocator()
     loader = DataLoader(
@@ -346,8 +427,9 @@ def predict(
         for samples, stacked in batches:
             probs = masks = None
             if stacked is not None:
-                class_probs, lesion_probs = forward_probabilities(loaded, stacked, tta=tta)
-                probs, masks = class_probs.cpu().numpy(), lesion_probs.cpu().numpy()
+                with gate.closed() if gate is not None else nullcontext():
+                    class_probs, lesion_probs = forward_probabilities(loaded, stacked, tta=tta)
+                    probs, masks = class_probs.cpu().numpy(), lesion_probs.cpu().numpy()
             k = 0
             for s in samples:
                 pred = Prediction(

@@ -180,6 +180,8 @@ class LoadedModel:
     card: ModelCard
     weights_path: Path
     sha256: str
+    #: "fp32", or "bf16" for the forward pass under autocast (``inference.select_precision`` decides).
+    precision: str = "fp32"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -217,8 +219,15 @@ def save_model(network: nn.Module, card: ModelCard, weights: Path, half: bool = 
     return card
 
 
-def load_model(weights: Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load and verify a checkpoint; raise ``ModelLoadError`` naming the file and the reason."""
+def load_model(
+    weights: Path | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> LoadedModel:
+    """Load and verify a checkpoint; raise ``ModelLoadError`` naming the file and the reason.
+
+    ``precision`` ("fp32" or "bf16") is how its forward pass will run; the weights stay float32 either way.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}")
     weights = Path(weights) if weights is not None else default_weights_path()
     if weights.suffix == ".json":
         weights = weights.with_suffix(".pt")
@@ -247,5 +256,21 @@ def load_model(weights: Path | None = None, device: str | torch.device = "cpu") 
     except Exception as err:  # torch raises many types for a bad pickle or a shape mismatch
         raise ModelLoadError(f"{weights}: cannot load weights: {str(err).splitlines()[0]}") from err
     # channels_last: about 1.3x faster convolutions on CPU (measured), and the layout tensor cores want on GPU.
-    network.eval().to(device).to(memory_format=torch.channels_last)
-    return LoadedModel(network=network, card=card, weights_path=weights, sha256=digest)
+    network = fold_batch_norm(network.eval()).to(device).to(memory_format=torch.channels_last)
+    return LoadedModel(network=network, card=card, weights_path=weights, sha256=digest, precision=precision)
+
+
+def fold_batch_norm(network: nn.Module) -> nn.Module:
+    """The network for inference with each BatchNorm folded into the convolution before it (same outputs, up to
+    float rounding), or the network itself when it cannot be traced.
+
+    Why: in eval mode a BatchNorm is a fixed affine map, yet it costs a pass over every activation, and under
+    bf16 autocast two dtype conversions as well. Measured on this project's 2-core Xeon, batch 16 at 256x256:
+    forward pass 103 -> 128 images/s in bf16, 42 -> 48 in fp32.
+    """
+    from torch.fx.experimental.optimization import fuse  # PyTorch's own conv+BN folding (torch.fx)
+
+    try:
+        return fuse(network)
+    except Exception:  # noqa: BLE001  an untraceable architecture simply runs unfolded
+        return network

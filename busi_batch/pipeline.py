@@ -62,7 +62,7 @@ from .errors import BusiBatchError, ImageDecodeError, OutputWriteError, RunInter
 from .imageio import (
     append_bytes, atomic_write_bytes, decode_image, encode_mask_png, load_truth_mask, read_bytes, remove_temp_files,
 )
-from .inference import Prediction, predict, release_free_memory, select_device
+from .inference import Prediction, predict, release_free_memory, select_device, select_precision
 from .model import LoadedModel, load_model
 from .postprocess import lesion_area, lesion_count, lesion_mask
 from .records import (
@@ -102,6 +102,7 @@ class RunConfig:
     labels: Path | None = None
     masks: Path | None = None
     device: str = "auto"
+    precision: str = "auto"  # forward pass: "auto" (bf16 where the hardware has it), "fp32" or "bf16"
     batch_size: int = 16
     workers: int = 2
     tta: bool = False
@@ -308,8 +309,13 @@ def file_sha256(path: Path) -> str | None:
 
 
 def settings_key(loaded: LoadedModel, tta: bool) -> str:
-    """What besides input and model changes a result: part of the resume check."""
-    return f"{loaded.card.mask_rules().key()};tta={int(tta)}"
+    """What besides input and model changes a result: part of the resume check.
+
+    bf16 is named (its masks differ from fp32's in a few edge pixels); fp32 is not, so keys written before
+    the precision option existed still match.
+    """
+    key = f"{loaded.card.mask_rules().key()};tta={int(tta)}"
+    return key + (";precision=bf16" if loaded.precision == "bf16" else "")
 
 
 def _previous_rows(out: Path) -> dict[str, ImageResult]:
@@ -513,6 +519,7 @@ def run(config: RunConfig) -> RunSummary:
     start_iso = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     study_root, out = validate_paths(config)
     device = select_device(config.device)
+    precision = select_precision(config.precision, device)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -521,7 +528,7 @@ def run(config: RunConfig) -> RunSummary:
         stale = remove_temp_files(out)
         if stale:
             log.info("%s: removed %d temporary files left by an interrupted write", out, stale)
-        loaded = load_model(config.weights, device)
+        loaded = load_model(config.weights, device, precision)
         t0 = time.time()
         study = discover(config.study, labels_csv=config.labels, masks_root=config.masks, frames=config.frames,
                          anonymize=config.anonymize)
@@ -788,6 +795,7 @@ def _provenance(
             "test_metrics": card.metrics,
         },
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "precision": loaded.precision,
         "platform": {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
                      "cpu_count": os.cpu_count()},
         "counts": {

@@ -157,7 +157,7 @@ def _run_info(run_dir: Path, data: dict[str, Any]) -> RunInfo:
         interrupted=bool(data.get("interrupted", False)),
         status=str(data.get("status", "")),
         tool_version=str(data.get("tool_version", "")),
-        device=str(data.get("device", "")),
+        device=str(data.get("device", "")) + (f", {data['precision']} forward pass" if data.get("precision") else ""),
         total_s=timings.get("total_s"),
         found=int(counts.get("found", 0)),
         ok=int(counts.get("ok", 0)),

@@ -33,6 +33,22 @@ def test_benchmark_measures_both_contenders(tiny_weights: Path) -> None:
     assert result.peak_rss_mb > 50 and "images/s" in result.table()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_benchmark_states_its_precision_and_baselines(tiny_weights: Path, precision: str) -> None:
+    """The baseline is always the reference's fp32; a bf16 pipeline is also set against a bf16 baseline."""
+    result = benchmark(None, synthetic=4, weights=tiny_weights, device="cpu", batch_size=2, workers=0,
+                       forward_seconds=0.1, precision=precision)
+    assert result.precision == precision and f"precision (pipeline, forward)  {precision}" in result.table()
+    if precision == "fp32":
+        assert result.baseline_same_precision_images_per_s is None
+        assert result.speedup_vs_same_precision_baseline is None
+    else:
+        assert result.baseline_same_precision_images_per_s > 0
+        assert result.speedup_vs_same_precision_baseline == pytest.approx(
+            result.pipeline_images_per_s / result.baseline_same_precision_images_per_s)
+        assert "pipeline / bf16 baseline" in result.table()
+
+
 def test_bench_command_writes_json(tiny_weights: Path, sample_study: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", str(sample_study), "--weights", str(tiny_weights), "-b", "4",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from busi_batch import demo, metrics
@@ -55,7 +56,10 @@ def contrast_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(contrast_weights: Path):
-    return load_model(contrast_weights, "cpu")
+    """Loaded as the demo and ``run`` load it by default (bf16 on CPUs that have it), so their answers agree."""
+    from busi_batch.inference import select_precision
+
+    return load_model(contrast_weights, "cpu", select_precision("auto", torch.device("cpu")))
 
 
 def one_image_run(image: Path, weights: Path, tmp_path: Path, pixel_size: float | None = None):

@@ -164,7 +164,7 @@ def shown(text: str, label: str) -> str:
 
 
 def test_page_states_intended_use_and_model(page, weights: Path) -> None:
-    card = load_model(weights).card
+    card = served_model(weights).card
     text = page.locator("#busi-model").inner_text()
     assert demo.DISCLAIMER in text
     assert f"{card.name}, version {card.version}" in text
@@ -216,10 +216,19 @@ def test_oversized_upload_is_refused_in_the_page(page, tmp_path: Path) -> None:
     assert "Traceback" not in page.locator("body").inner_text()
 
 
+def served_model(weights: Path):
+    """The model as the served demo loads it: the default precision (bf16 on CPUs that have it)."""
+    import torch
+
+    from busi_batch.inference import select_precision
+
+    return load_model(weights, "cpu", select_precision("auto", torch.device("cpu")))
+
+
 def test_example_shows_ground_truth_dice_and_iou(page, weights: Path, tmp_path: Path) -> None:
     examples = demo.example_items()
     label = next(name for name, item in examples.items() if item.true_class == "malignant")
-    expected = demo.analyse(load_model(weights), examples[label]).row
+    expected = demo.analyse(served_model(weights), examples[label]).row
     page.locator("#busi-example input").click()
     page.get_by_role("option", name=label).click()
     text = result_text(page, "Dice")

@@ -146,3 +146,61 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path: Path) -> None:
     old = os.umask(0)
     os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~old
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_png_header_is_read_without_decoding_the_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's getexif() on a PNG decodes the whole image; a PNG with no EXIF-bearing chunk must not pay it."""
+    from PIL import PngImagePlugin
+
+    from busi_batch.imageio import read_header
+
+    loads = []
+    original = PngImagePlugin.PngImageFile.load
+
+    def counted(self):  # noqa: ANN001
+        loads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counted)
+    header = read_header(encode(".png", GREY))
+    assert (header.format, header.width, header.height, header.orientation) == ("PNG", 64, 48, 1)
+    assert not loads, "pixels decoded while reading the header"
+
+
+def test_png_exif_after_the_pixels_still_turns_the_image() -> None:
+    """An eXIf chunk written after IDAT (allowed by the PNG spec) is still found and applied."""
+    from busi_batch.imageio import read_header
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    plain = encode(".png", GREY)
+    iend = plain.rindex(b"IEND") - 4
+    data = plain[:iend] + _png_chunk(b"eXIf", exif.tobytes()) + plain[iend:]
+    assert read_header(data).orientation == 6
+    assert decode_image(data).shape == (64, 48)
+
+
+@pytest.mark.parametrize("dtype,channels", [(np.uint8, 0), (np.uint8, 3), (np.uint16, 4), (np.float32, 0)])
+def test_model_input_shortcut_matches_the_reference_chain(dtype: type, channels: int) -> None:
+    """model_input scales integer pixels after resizing: the same numbers as scale -> clip -> resize, to 1e-5."""
+    from busi_batch.preprocess import normalise, resize_square
+
+    rng = np.random.default_rng(0)
+    top = {np.uint8: 255, np.uint16: 65535, np.float32: 1.3}[dtype]
+    shape = (300, 410, channels) if channels else (300, 410)
+    image = (rng.random(shape) * top).astype(dtype)
+    reference = normalise(resize_square(to_gray_float(image), 128), 0.33, 0.22)
+    assert np.abs(model_input(image, 128, 0.33, 0.22) - reference).max() < 1e-5
+
+
+def test_mask_png_roundtrip_is_exact() -> None:
+    from busi_batch.imageio import encode_mask_png
+
+    mask = np.random.default_rng(3).random((123, 77)) > 0.7
+    decoded = cv2.imdecode(np.frombuffer(encode_mask_png(mask), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.dtype == np.uint8 and set(np.unique(decoded)) == {0, 255}
+    assert np.array_equal(decoded > 0, mask)

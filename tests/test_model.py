@@ -99,3 +99,48 @@ def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
     weights.with_suffix(".json").write_text(json.dumps(card))
     with pytest.raises(ModelLoadError, match="cannot load weights"):
         load_model(weights)
+
+
+def test_batch_norm_folded_for_inference_gives_the_same_outputs(tmp_path: Path) -> None:
+    """load_model folds each BatchNorm into its convolution: none is left, and the outputs do not move."""
+    import dataclasses
+
+    from busi_batch.model import ModelCard, save_model
+
+    torch.manual_seed(1)
+    config = UNetConfig(base_width=4, depth=3)
+    plain = MultiTaskUNet(config)
+    with torch.no_grad():  # statistics far from the identity, so that folding has something to get wrong
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    card = ModelCard(name="folding", version="0", architecture=dataclasses.asdict(config), input_size=64,
+                     test_model=True)
+    save_model(plain, card, tmp_path / "m.pt")
+    plain.load_state_dict({k: v.float() for k, v in torch.load(tmp_path / "m.pt", weights_only=True).items()})
+    loaded = load_model(tmp_path / "m.pt")
+    assert not [m for m in loaded.network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        seg_a, cls_a = plain.eval()(x)
+        seg_b, cls_b = loaded.network(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(seg_a, seg_b, atol=1e-4) and torch.allclose(cls_a, cls_b, atol=1e-4)
+    assert seg_a.abs().max() > 0.1  # not a trivially flat output
+
+
+def test_unfoldable_network_runs_as_it_is() -> None:
+    from busi_batch.model import fold_batch_norm
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    net = Branchy().eval()
+    assert fold_batch_norm(net) is net

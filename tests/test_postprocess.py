@@ -79,3 +79,37 @@ def test_outline_overlay_draws_both_colours() -> None:
     assert out.shape == (60, 80, 3) and out.dtype == np.uint8
     assert (out == PRED_COLOUR_BGR).all(axis=2).any() and (out == TRUTH_COLOUR_BGR).all(axis=2).any()
     assert (out[20, 20] == 100).all()  # inside the outline the image is untouched
+
+
+def _full_frame_reference(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Component removal labelled over the whole frame: what the bounding-box shortcut must reproduce."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+    return keep[labels]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_removal_and_count_match_whole_frame_labelling(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((60, 80), bool)
+    for _ in range(rng.integers(1, 6)):  # blobs of random size, some touching the border
+        y, x = rng.integers(0, 60), rng.integers(0, 80)
+        mask[y:y + rng.integers(1, 15), x:x + rng.integers(1, 15)] = True
+    mask |= rng.random(mask.shape) > 0.995  # specks
+    for min_pixels in (2, 5, 40):
+        assert np.array_equal(remove_small_components(mask, min_pixels), _full_frame_reference(mask, min_pixels))
+    import cv2
+
+    assert lesion_count(mask) == cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
+def test_component_removal_leaves_its_input_alone() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[0, 0] = True
+    mask[4:8, 4:8] = True
+    before = mask.copy()
+    cleaned = remove_small_components(mask, 4)
+    assert np.array_equal(mask, before) and not cleaned[0, 0] and cleaned[4:8, 4:8].all()

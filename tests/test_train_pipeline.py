@@ -239,3 +239,26 @@ def test_fit_temperature_recovers_a_known_temperature() -> None:
     calibration = fit_temperature(true_logits * 2.5, labels)  # over-confident by a factor 2.5
     assert calibration.temperature == pytest.approx(2.5, rel=0.15)
     assert calibration.nll_after <= calibration.nll_before
+
+
+def test_bf16_training_step_moves_the_weights_in_fp32(fake_busi: Path, tmp_path: Path) -> None:
+    """precision: bf16 runs the forward passes under autocast; weights, losses and the log stay finite float32."""
+    arrays = prepare(fake_busi, 32)
+    split = fake_split(arrays["rel"])
+    split_csv = tmp_path / "split.csv"
+    split.to_csv(split_csv, index=False)
+    config = tiny_config(fake_busi, split_csv)
+    config["precision"] = "bf16"
+    result = fit(config, tmp_path / "run", arrays=arrays, split=split)
+    assert result.epochs_done == 2
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert np.isfinite(log[["train_loss", "val_dice"]].to_numpy(dtype=float)).all()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_unknown_training_precision_is_refused() -> None:
+    from train.fit import autocast
+
+    with pytest.raises(ValueError, match="fp16"):
+        autocast({"precision": "fp16"})

@@ -73,6 +73,9 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "eval_batch_size": 32,
     "threads": 2,
+    # bf16 autocast for the forward passes (losses in fp32): ~2x faster at width 16 and ~2.9x at width 32 on a
+    # CPU with AMX (measured here); only where the hardware computes bf16 natively
+    "precision": "fp32",
     "optimizer": {"weight_decay": 1.0e-4, "warmup_epochs": 1.0, "min_lr_ratio": 0.02, "grad_clip": 2.0},
     "phases": {
         "seg": {"epochs": 10, "lr": 2.0e-3, "seg_weight": 1.0, "class_weight": 0.0},
@@ -265,6 +268,14 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_fractio
 
 # ----------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
+def autocast(config: dict[str, Any]) -> torch.autocast:
+    """The forward passes' precision from the config: ``fp32`` (autocast off) or ``bf16`` (CPU autocast)."""
+    precision = config.get("precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def evaluate(model: nn.Module, data: Data, config: dict[str, Any]) -> dict[str, Any]:
     """Validation at cache resolution: mean Dice over lesion images (threshold 0.5), accuracy, MCC, class logits."""
     model.eval()
@@ -273,9 +284,10 @@ def evaluate(model: nn.Module, data: Data, config: dict[str, Any]) -> dict[str, 
     bs = int(config["eval_batch_size"])
     for start in range(0, len(data.val_labels), bs):
         x = to_input(data.val_images[start : start + bs], norm["mean"], norm["std"])
-        seg_logits, class_logits = model(x)
+        with autocast(config):
+            seg_logits, class_logits = model(x)
         logits.append(class_logits.float())
-        pred = (seg_logits[:, 0] > 0).numpy()
+        pred = (seg_logits[:, 0].float() > 0).numpy()
         for p, t in zip(pred, data.val_masks[start : start + bs]):
             if t.any():
                 dices.append(dice_score(p, t))
@@ -346,9 +358,10 @@ class Trainer:
         leaves the classification head (and AdamW's decay of it) untouched."""
         self.model.train()
         x, y, labels = self.batch(index)
-        seg_logits, class_logits = self.model(x)
-        seg = self.seg_loss(seg_logits, y)
-        cls = self.cls_loss(class_logits, labels)
+        with autocast(self.config):
+            seg_logits, class_logits = self.model(x)
+        seg = self.seg_loss(seg_logits.float(), y)
+        cls = self.cls_loss(class_logits.float(), labels)
         loss = phase["seg_weight"] * seg
         if phase["class_weight"] > 0:
             loss = loss + phase["class_weight"] * cls
