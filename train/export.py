@@ -102,6 +102,7 @@ def make_card(
         extra={
             "training_command": training_command(run, config),
             "hardware": f"2-core CPU, no GPU ({platform.processor() or platform.machine()}), torch {torch.__version__}",
+            "training_precision": config.get("precision", "fp32"),
             "training_minutes": summary.get("training_minutes"),
             "epochs": {"done": summary.get("epochs_done"), "planned": summary.get("epochs_planned"),
                        "best_epoch": summary.get("best_epoch"), "stopped_early": summary.get("stopped_early")},

@@ -73,8 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "eval_batch_size": 32,
     "threads": 2,
-    # bf16 autocast for the forward passes (losses in fp32): ~2x faster at width 16 and ~2.9x at width 32 on a
-    # CPU with AMX (measured here); only where the hardware computes bf16 natively
+    # bf16 autocast for the forward passes (losses in fp32): 2.1x faster at width 16 and 2.5x at width 32 on a
+    # CPU with AMX (benchmarks/bench_train_step.py); only where the hardware computes bf16 natively
     "precision": "fp32",
     "optimizer": {"weight_decay": 1.0e-4, "warmup_epochs": 1.0, "min_lr_ratio": 0.02, "grad_clip": 2.0},
     "phases": {
