@@ -15,9 +15,12 @@ which is swept hourly.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +36,7 @@ from . import __version__, metrics
 from .classes import CLASS_NAMES
 from .discover import IMAGE_SUFFIXES, ImageItem, discover
 from .errors import BusiBatchError, ImageDecodeError, UsageError
-from .imageio import load_image
+from .imageio import atomic_write_bytes, encode_png, load_image
 from .inference import predict, select_device, select_precision
 from .model import LoadedModel, ModelCard, load_model
 from .overlay import outline_overlay
@@ -287,14 +290,61 @@ def import_gradio() -> Any:
     return gradio
 
 
+class PictureFiles:
+    """The page's pictures handed to Gradio as PNG files, each written whole and once per content.
+
+    Why not arrays: Gradio saves an array output to ``cache/<content hash>/image.png`` by rewriting that file in
+    place every time the same picture is shown again (an example analysed twice). A browser still fetching the
+    earlier copy then gets fewer or more bytes than announced (h11: "Too much data for declared
+    Content-Length") and the picture never appears; this happened in CI. A file path goes through Gradio's file
+    cache instead, which copies each file once, atomically. Files here older than ``keep_s`` are swept.
+    """
+
+    def __init__(self, root: Path, keep_s: float = 3600.0) -> None:
+        self.root, self.keep_s = Path(root), keep_s
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, picture: np.ndarray | None) -> str | None:
+        """A PNG file holding ``picture`` (grey, or RGB as Gradio shows it), or None for no picture."""
+        if picture is None:
+            return None
+        pixels = cv2.cvtColor(picture, cv2.COLOR_RGB2BGR) if picture.ndim == 3 else picture
+        data = encode_png(np.ascontiguousarray(pixels), compression=1)
+        target = self.root / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        try:
+            os.utime(target)  # shown again: young again, so the sweep below leaves it for Gradio to copy
+        except FileNotFoundError:
+            atomic_write_bytes(target, data)
+        self._sweep()
+        return str(target)
+
+    def _sweep(self) -> None:
+        cutoff = time.time() - self.keep_s
+        for old in self.root.glob("*.png"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:  # already gone, or not ours to remove: never worth failing a page for
+                pass
+
+
 def build_app(
-    loaded: LoadedModel, examples: dict[str, ImageItem], pixel_size_mm: float | None = None
+    loaded: LoadedModel, examples: dict[str, ImageItem], pixel_size_mm: float | None = None,
+    pictures: PictureFiles | None = None,
 ) -> Any:
-    """The Gradio Blocks page. Handlers only call :func:`page_view`; the layout is all that lives here."""
+    """The Gradio Blocks page. Handlers only call :func:`page_view`; the layout is all that lives here.
+
+    ``pictures``: where the shown pictures are staged (default: a temporary folder removed at exit).
+    """
     gr = import_gradio()
+    if pictures is None:
+        staging = tempfile.TemporaryDirectory(prefix="busi-batch-demo-")
+        atexit.register(staging.cleanup)
+        pictures = PictureFiles(Path(staging.name))
 
     def show(view: PageView) -> tuple[Any, ...]:
-        return view.overlay_rgb, view.mask_image, view.truth_image, view.probabilities, view.markdown
+        return (pictures.path(view.overlay_rgb), pictures.path(view.mask_image), pictures.path(view.truth_image),
+                view.probabilities, view.markdown)
 
     def on_upload(path: str | None, px: float | None) -> tuple[Any, ...]:
         return (*show(page_view(loaded, path, None, px, examples)), None)
@@ -326,12 +376,12 @@ def build_app(
                                  elem_id="busi-probabilities")
                 result = gr.Markdown(page_view(loaded, None, None, None, examples).markdown, elem_id="busi-result")
             with gr.Column(scale=2):
-                overlay = gr.Image(label="Image with predicted outline", type="numpy", format="png",
+                overlay = gr.Image(label="Image with predicted outline", type="filepath", format="png",
                                    interactive=False, buttons=["download", "fullscreen"], elem_id="busi-overlay")
                 with gr.Row():
-                    mask = gr.Image(label="Predicted mask", type="numpy", format="png", interactive=False,
+                    mask = gr.Image(label="Predicted mask", type="filepath", format="png", interactive=False,
                                     buttons=["download"], elem_id="busi-mask")
-                    truth = gr.Image(label="Ground-truth mask (examples)", type="numpy", format="png",
+                    truth = gr.Image(label="Ground-truth mask (examples)", type="filepath", format="png",
                                      interactive=False, buttons=["download"], elem_id="busi-truth")
         gr.Markdown(
             "Example images: BUSI test split (Al-Dhabyani et al., *Data in Brief* 28, 2020, "

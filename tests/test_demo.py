@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -285,3 +286,34 @@ def test_gradio_is_configured_to_stay_local(monkeypatch: pytest.MonkeyPatch, loa
     assert config["analytics_enabled"] is False
     texts = json.dumps(config)
     assert demo.DISCLAIMER in texts and "busi-result" in texts
+
+
+def test_pictures_are_staged_once_per_content_and_never_rewritten(tmp_path: Path) -> None:
+    """Gradio rewrote array outputs in place while a browser could still be reading them; staged files are not."""
+    import cv2
+
+    pictures = demo.PictureFiles(tmp_path / "pics")
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 0] = 200  # red in RGB
+    first = Path(pictures.path(rgb))
+    inode = first.stat().st_ino
+    again = Path(pictures.path(rgb.copy()))
+    assert again == first and first.stat().st_ino == inode  # the same file, not a rewritten one
+    shown = cv2.imread(str(first), cv2.IMREAD_UNCHANGED)
+    assert shown[0, 0].tolist() == [0, 0, 200]  # stored as a normal (BGR on disk) PNG: red stays red
+    mask = np.zeros((5, 5), np.uint8)
+    mask[1:3, 1:3] = 255
+    assert np.array_equal(cv2.imread(pictures.path(mask), cv2.IMREAD_UNCHANGED), mask)
+    assert pictures.path(None) is None
+
+
+def test_staged_pictures_older_than_the_keep_time_are_swept(tmp_path: Path) -> None:
+    import os
+
+    pictures = demo.PictureFiles(tmp_path, keep_s=60)
+    old = Path(pictures.path(np.full((3, 3), 255, np.uint8)))
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    fresh = Path(pictures.path(np.zeros((3, 3), np.uint8)))
+    assert fresh.exists() and not old.exists()
+    os.utime(fresh, (time.time() - 120, time.time() - 120))
+    assert Path(pictures.path(np.zeros((3, 3), np.uint8))) == fresh and fresh.exists()  # shown again: kept
