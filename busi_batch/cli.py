@@ -20,6 +20,7 @@ from . import __version__
 from .errors import BusiBatchError, RunInterrupted, UsageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+PRECISION_HELP = "Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16."
 
 app = typer.Typer(
     add_completion=False,
@@ -75,9 +76,7 @@ def run(
     labels: Optional[Path] = typer.Option(None, help="CSV with columns image,class (ground-truth classes)."),
     masks: Optional[Path] = typer.Option(None, help="Folder of ground-truth masks mirroring STUDY's layout."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (auto = cuda when available)."),
-    precision: str = typer.Option(
-        "auto", help="Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16.",
-    ),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes (0 = in the main process)."),
     tta: bool = typer.Option(False, "--tta", help="Average with the horizontally flipped image (slower)."),
@@ -202,9 +201,7 @@ def bench(
     synthetic: int = typer.Option(200, help="Images in the synthetic study when STUDY is not given."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    precision: str = typer.Option(
-        "auto", help="Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16.",
-    ),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes."),
     baseline_limit: Optional[int] = typer.Option(None, help="Time the baseline on the first N images only."),
@@ -231,9 +228,7 @@ def demo(
     port: int = typer.Option(7860, help="Port to listen on."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    precision: str = typer.Option(
-        "auto", help="Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16.",
-    ),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     pixel_size: Optional[float] = typer.Option(
         None, "--pixel-size", help="Pixel size in mm; the page then shows the lesion area in mm² too."
     ),

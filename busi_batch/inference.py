@@ -31,7 +31,7 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 from .discover import ImageItem
 from .errors import ImageDecodeError, UsageError
 from .imageio import decode_input, load_truth_mask, read_bytes
-from .model import LoadedModel
+from .model import FORWARD_PRECISIONS, LoadedModel
 from .preprocess import model_input
 
 
@@ -190,7 +190,7 @@ def release_free_memory() -> None:
 
 
 #: ``--precision`` choices: ``auto`` is bf16 where the hardware computes it natively, fp32 elsewhere.
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", *FORWARD_PRECISIONS)
 
 
 def native_bf16(device: torch.device) -> bool:

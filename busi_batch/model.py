@@ -25,6 +25,8 @@ from .errors import ModelLoadError
 from .postprocess import MaskRules
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: How a loaded network's forward pass can run: float32, or bfloat16 under autocast (weights stay float32).
+FORWARD_PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL_NAME = "busi_unet_v1"
 
 
@@ -226,7 +228,7 @@ def load_model(
 
     ``precision`` ("fp32" or "bf16") is how its forward pass will run; the weights stay float32 either way.
     """
-    if precision not in ("fp32", "bf16"):
+    if precision not in FORWARD_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}")
     weights = Path(weights) if weights is not None else default_weights_path()
     if weights.suffix == ".json":

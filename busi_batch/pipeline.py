@@ -43,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -278,14 +279,11 @@ def mask_relpaths(items: list[ImageItem]) -> dict[str, str]:
         base, frame = split_frame_name(item.name) if item.is_dicom else (item.name, None)
         return frame_name(truth_stem(base, item.is_dicom), frame)
 
-    stems: dict[str, int] = {}
-    for item in items:
-        stems[stem(item)] = stems.get(stem(item), 0) + 1
-    result = {}
-    for item in items:
-        base = stem(item) if stems[stem(item)] == 1 else item.name
-        result[item.name] = f"{MASKS_DIR}/{_fit_name(base)}_mask.png"
-    return result
+    stems = {item.name: stem(item) for item in items}
+    uses = Counter(stems.values())
+    return {
+        name: f"{MASKS_DIR}/{_fit_name(base if uses[base] == 1 else name)}_mask.png" for name, base in stems.items()
+    }
 
 
 def _fit_name(base: str) -> str:

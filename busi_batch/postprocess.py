@@ -42,13 +42,13 @@ class MaskRules:
 
 
 def _occupied(mask: np.ndarray) -> tuple[slice, slice] | None:
-    """The bounding box of the mask's pixels as slices, None when empty.
+    """The bounding box of a bool mask's pixels as slices, None when empty.
 
     Component labelling runs on this box only: a lesion covers a few percent of the frame, so labelling the
     whole frame (and indexing a full-size label image) cost several times more, per image, than the rest of the
     post-processing together.
     """
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
     if w == 0 or h == 0:
         return None
     return slice(y, y + h), slice(x, x + w)

@@ -262,3 +262,18 @@ def test_unknown_training_precision_is_refused() -> None:
 
     with pytest.raises(ValueError, match="fp16"):
         autocast({"precision": "fp16"})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_validation_builds_no_autograd_graph(fake_busi: Path, tmp_path: Path, precision: str) -> None:
+    """Validation runs without gradients, whatever the model's parameters say (a graph per batch costs memory)."""
+    from busi_batch.model import MultiTaskUNet, UNetConfig
+    from train.fit import evaluate as validate
+
+    arrays = prepare(fake_busi, 32)
+    data = select_folds(arrays, fake_split(arrays["rel"]), "0")
+    config = tiny_config(fake_busi, tmp_path / "unused.csv")
+    config["precision"] = precision
+    model = MultiTaskUNet(UNetConfig(base_width=4, depth=3))  # parameters require grad, as in training
+    result = validate(model, data, config)
+    assert result["logits"].shape == (len(data.val_labels), 3) and 0.0 <= result["acc"] <= 1.0

@@ -29,7 +29,7 @@ from busi_batch.classes import CLASS_NAMES, class_index
 from busi_batch.discover import ImageItem, discover
 from busi_batch.imageio import atomic_write_text
 from busi_batch.inference import Prediction, predict
-from busi_batch.model import LoadedModel, load_model, sha256_file
+from busi_batch.model import FORWARD_PRECISIONS, LoadedModel, load_model, sha256_file
 from busi_batch.postprocess import MaskRules, lesion_mask
 
 from .split import TEST, load_split
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = checkpoint_parser(__doc__)
     parser.add_argument("--tta", action="store_true", help="also run the horizontally flipped image")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    parser.add_argument("--precision", choices=FORWARD_PRECISIONS, default="fp32",
                         help="forward pass precision (the model card's numbers: fp32)")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
     args = parser.parse_args(argv)

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 from busi_batch.classes import CLASS_NAMES  # noqa: E402
 from busi_batch.inference import tune_cpu_allocator  # noqa: E402
 from busi_batch.metrics import dice_score  # noqa: E402
-from busi_batch.model import MultiTaskUNet, UNetConfig  # noqa: E402
+from busi_batch.model import FORWARD_PRECISIONS, MultiTaskUNet, UNetConfig  # noqa: E402
 from busi_batch.preprocess import normalise  # noqa: E402
 
 from .augment import AugmentConfig, augment_pair, build_augment  # noqa: E402
@@ -267,15 +267,15 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_fractio
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def autocast(config: dict[str, Any]) -> torch.autocast:
     """The forward passes' precision from the config: ``fp32`` (autocast off) or ``bf16`` (CPU autocast)."""
     precision = config.get("precision", "fp32")
-    if precision not in ("fp32", "bf16"):
+    if precision not in FORWARD_PRECISIONS:
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Data, config: dict[str, Any]) -> dict[str, Any]:
     """Validation at cache resolution: mean Dice over lesion images (threshold 0.5), accuracy, MCC, class logits."""
     model.eval()
