@@ -329,7 +329,7 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     """A bool mask as a single-channel 8-bit PNG with values 0 and 255.
 
     No PNG row filter: a two-valued image gains nothing from prediction, and libpng's adaptive choice among the
-    five filters made encoding about 5x slower (measured on 600x800 masks) for a slightly larger file.
+    five filters made encoding about 3x slower (``benchmarks/bench_cpu_choices.py --parts stages``).
     """
     return encode_png(mask.astype(np.uint8) * 255, row_filter=cv2.IMWRITE_PNG_FILTER_NONE)
 

@@ -69,10 +69,9 @@ class DecodeGate:
 
     On a CPU the forward pass already uses every core; workers decoding at the same time pre-empt its threads,
     and the other threads then wait at the next synchronisation point. Measured on 2 cores (bf16, batch 16, 300
-    images): the forward passes took 4.2 s inside the pipeline against 3.1 s alone; with the gate 3.1 s, and the
-    whole run 4.9 -> 4.2 s. With the gate, decoding fills the moments
-    the network is not running (mask writing, waiting for a batch) and the two alternate, each with all the
-    cores. Unlike a lower priority for the workers it cannot starve them on a machine busy with other work.
+    images, ``benchmarks/bench_cpu_choices.py --parts gate``): a run took 5.05 s without the gate, 4.25 s with
+    it. With the gate, decoding fills the moments the network is not running (mask writing, waiting for a
+    batch) and the two alternate, each with all the cores. Unlike a lower priority for the workers it cannot starve them on a machine busy with other work.
     Not used on a GPU, where the forward pass leaves the CPU free.
     """
 
@@ -198,7 +197,8 @@ def native_bf16(device: torch.device) -> bool:
     AMX or AVX512-BF16 (read from ``/proc/cpuinfo``; elsewhere, False).
 
     Why not ask oneDNN: PyTorch's own check also says yes on CPUs that only emulate bf16, where it is slower
-    than fp32. Measured on this project's Xeon (AMX): the U-Net's forward pass runs about 2.4x faster.
+    than fp32. Measured on this project's Xeon (AMX): the U-Net's forward pass runs about 2.5x faster
+    (``busi-batch bench`` with ``--precision fp32`` and with ``auto``).
     """
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())

@@ -267,8 +267,9 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
     float rounding), or the network itself when it cannot be traced.
 
     Why: in eval mode a BatchNorm is a fixed affine map, yet it costs a pass over every activation, and under
-    bf16 autocast two dtype conversions as well. Measured on this project's 2-core Xeon, batch 16 at 256x256:
-    forward pass 103 -> 128 images/s in bf16, 42 -> 48 in fp32.
+    bf16 autocast two dtype conversions as well. Measured on this project's 2-core Xeon, batch 16 at 256x256
+    (``benchmarks/bench_cpu_choices.py --parts fold``): forward pass about 90 -> 101 images/s in bf16, 37 -> 41
+    in fp32.
     """
     from torch.fx.experimental.optimization import fuse  # PyTorch's own conv+BN folding (torch.fx)
 
