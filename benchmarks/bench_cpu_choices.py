@@ -82,6 +82,9 @@ class _OpenGate:
     def wait(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def gate(study: Path, out: Path) -> None:
     from busi_batch.pipeline import RunConfig, run

@@ -15,12 +15,16 @@ import multiprocessing
 import multiprocessing.util  # noqa: F401  its exit handler is registered before ours, so ours runs first
 import os
 import pickle
+import select
 import signal
+import sys
 import time
+import traceback
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -71,29 +75,49 @@ class DecodeGate:
     and the other threads then wait at the next synchronisation point. Measured on 2 cores (bf16, batch 16, 300
     images, ``benchmarks/bench_cpu_choices.py --parts gate``): a run took 5.05 s without the gate, 4.25 s with
     it. With the gate, decoding fills the moments the network is not running (mask writing, waiting for a
-    batch) and the two alternate, each with all the cores. Unlike a lower priority for the workers it cannot starve them on a machine busy with other work.
-    Not used on a GPU, where the forward pass leaves the CPU free.
+    batch) and the two alternate, each with all the cores. Unlike a lower priority for the workers it cannot
+    starve them on a machine busy with other work. Not used on a GPU, where the forward pass leaves the CPU free.
+
+    The gate is a pipe that holds one byte while it is open: workers wait until its read end is readable and
+    never read, and only the main process writes and takes back the byte. Nothing is locked, so a worker killed
+    anywhere (the OOM killer) cannot leave the main process waiting. A ``multiprocessing.Event`` can: its
+    ``set()`` waits for every sleeper to wake, and a dead one never does (a run hung for ever that way). The
+    workers inherit the pipe, so it needs the ``fork`` start method: :func:`predict` checks.
     """
 
     def __init__(self) -> None:
-        self._open = multiprocessing.get_context().Event()  # the context DataLoader starts its workers with
-        self._open.set()
+        self._read, self._write = os.pipe()
+        os.write(self._write, b"o")
+        self._open = True
         self._parent = os.getpid()
 
     @contextmanager
     def closed(self) -> Iterator[None]:
         """Shut for the duration of a forward pass (re-opened however it ends)."""
-        self._open.clear()
+        if self._open:
+            os.read(self._read, 1)  # the byte this process wrote: returns at once
+            self._open = False
         try:
             yield
         finally:
-            self._open.set()
+            os.write(self._write, b"o")
+            self._open = True
 
     def wait(self) -> None:
         """In a worker: return once the gate is open; leave if the main process is gone (never wait for ever)."""
-        while not self._open.wait(timeout=1.0):
+        poller = select.poll()
+        poller.register(self._read, select.POLLIN)
+        while not poller.poll(1000):
             if os.getppid() != self._parent:
                 raise SystemExit(1)
+
+    def close(self) -> None:
+        """Release the pipe (workers that still hold it keep their own copies)."""
+        for fd in (self._read, self._write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class StudyDataset(Dataset):
@@ -263,6 +287,31 @@ def forward_probabilities(
     return torch.stack(class_probs).mean(0), torch.stack(lesion_probs).mean(0)
 
 
+def _is_handover_error(exc_type: type[BaseException], tb: TracebackType | None) -> bool:
+    """A connection error raised in multiprocessing's resource sharer: the thread that hands a batch over."""
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    return issubclass(exc_type, (OSError, EOFError)) and any(
+        f.filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")) for f in frames
+    )
+
+
+def _quiet_handover_errors(
+    default: Any, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """A worker's ``sys.excepthook``: silent when the main process dropped a batch hand-over, loud otherwise.
+
+    A worker hands each batch's shared memory over from a thread that reports any error through
+    ``sys.excepthook``. When the main process stops mid-hand-over (another worker died, and the run ends with
+    its own one-line error), that thread would print a traceback into the run's stderr, which cron mails.
+    """
+    if not _is_handover_error(exc_type, tb):
+        default(exc_type, exc, tb)
+
+
+def _init_worker(worker_id: int) -> None:
+    sys.excepthook = functools.partial(_quiet_handover_errors, sys.excepthook)
+
+
 class DecodingWorkerDied(RuntimeError):
     """A decoding worker process ended mid-run (the OOM killer, ``kill -9``): its batches will never come.
 
@@ -405,7 +454,8 @@ def predict(
     """Yield one Prediction per item, in the items' order, running the network batch by batch."""
     card = loaded.card
     device = next(loaded.network.parameters()).device
-    gate = DecodeGate() if workers and device.type == "cpu" else None
+    forking = multiprocessing.get_context().get_start_method() == "fork"  # the context DataLoader's workers use
+    gate = DecodeGate() if workers and device.type == "cpu" and forking else None
     dataset = StudyDataset(
         items, card.input_size, card.normalisation["mean"], card.normalisation["std"], with_truth=with_truth,
         gate=gate,
@@ -421,9 +471,11 @@ def predict(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_init_worker if workers else None,
     )
     batches = _decoded_batches(loader)
-    with closing(batches):  # the workers stop when this generator does, however it does
+    with closing(gate) if gate is not None else nullcontext(), closing(batches):
+        # the workers stop when ``batches`` does, however it does; then the gate's pipe is released
         for samples, stacked in batches:
             probs = masks = None
             if stacked is not None:

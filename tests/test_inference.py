@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -93,3 +97,51 @@ def test_gate_is_used_on_cpu_with_workers_only(tiny_weights: Path, sample_study:
     loaded = load_model(tiny_weights)
     assert len(list(predict(loaded, items, batch_size=2, workers=0))) == 3 and not made
     assert len(list(predict(loaded, items, batch_size=2, workers=1))) == 3 and len(made) == 1
+
+
+def test_a_worker_killed_while_it_waits_at_the_gate_cannot_stall_the_main_process() -> None:
+    """The OOM killer may take a worker as it waits: opening the gate must still return (an Event never did)."""
+    gate = DecodeGate()
+    shut = gate.closed()
+    shut.__enter__()
+    worker = multiprocessing.get_context("fork").Process(target=gate.wait)
+    worker.start()
+    time.sleep(0.5)
+    assert worker.is_alive(), "the worker did not wait at the closed gate"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(timeout=10)
+    opened = threading.Event()
+
+    def open_gate() -> None:
+        shut.__exit__(None, None, None)
+        opened.set()
+
+    threading.Thread(target=open_gate, daemon=True).start()
+    assert opened.wait(timeout=10), "opening the gate hangs on the dead worker"
+    survivor = multiprocessing.get_context("fork").Process(target=gate.wait)
+    survivor.start()
+    survivor.join(timeout=10)
+    assert survivor.exitcode == 0  # the open gate lets the next worker through at once
+    gate.close()
+
+
+def _raised_in(filename: str, exc: BaseException) -> tuple:
+    code = compile("raise exc", filename, "exec")
+    try:
+        exec(code, {"exc": exc})
+    except BaseException:
+        return sys.exc_info()
+    raise AssertionError("not raised")
+
+
+@pytest.mark.parametrize("filename,exc,reported", [
+    (os.path.join("lib", "multiprocessing", "resource_sharer.py"), ConnectionResetError(104, "reset"), False),
+    (os.path.join("lib", "multiprocessing", "resource_sharer.py"), EOFError(), False),
+    (os.path.join("lib", "multiprocessing", "resource_sharer.py"), ValueError("a bug"), True),
+    (os.path.join("lib", "busi_batch", "imageio.py"), ConnectionResetError(104, "reset"), True),
+])
+def test_worker_hook_silences_only_a_dropped_batch_hand_over(filename: str, exc: BaseException,
+                                                             reported: bool) -> None:
+    seen: list[type] = []
+    inference._quiet_handover_errors(lambda t, e, tb: seen.append(t), *_raised_in(filename, exc))
+    assert bool(seen) == reported
