@@ -93,10 +93,12 @@ class DecodeGate:
 
     @contextmanager
     def closed(self) -> Iterator[None]:
-        """Shut for the duration of a forward pass (re-opened however it ends)."""
-        if self._open:
-            os.read(self._read, 1)  # the byte this process wrote: returns at once
-            self._open = False
+        """Shut for the duration of a forward pass (re-opened however it ends, by whoever shut it)."""
+        if not self._open:  # already shut by an enclosing ``closed()``: that one re-opens it
+            yield
+            return
+        os.read(self._read, 1)  # the byte this process wrote: returns at once
+        self._open = False
         try:
             yield
         finally:

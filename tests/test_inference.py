@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -122,6 +123,18 @@ def test_a_worker_killed_while_it_waits_at_the_gate_cannot_stall_the_main_proces
     survivor.start()
     survivor.join(timeout=10)
     assert survivor.exitcode == 0  # the open gate lets the next worker through at once
+    gate.close()
+
+
+def test_gate_stays_shut_until_the_outermost_closed_ends() -> None:
+    gate = DecodeGate()
+    readable = lambda: bool(select.select([gate._read], [], [], 0)[0])  # noqa: E731  open = a byte waiting
+    assert readable()
+    with gate.closed():
+        with gate.closed():
+            assert not readable()
+        assert not readable(), "an inner closed() re-opened the gate"
+    assert readable()
     gate.close()
 
 
