@@ -14,8 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 pytest.importorskip("pydicom")
 
