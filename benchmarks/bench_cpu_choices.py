@@ -6,8 +6,10 @@
 2. ``fold``: forward-pass images/s of the shipped network as loaded (BatchNorm folded) against the same network
    unfolded, in fp32 and bf16.
 3. ``gate``: wall seconds of ``pipeline.run`` on the study with the decode gate (as shipped) and without it.
+4. ``threads``: forward-pass images/s with one torch thread and with all of them, in fp32 and bf16: how well the
+   network alone uses the cores, so whether giving decoding a core of its own could pay.
 
-    python benchmarks/bench_cpu_choices.py [--images 300] [--parts stages fold gate]
+    python benchmarks/bench_cpu_choices.py [--images 300] [--parts stages fold gate threads]
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ def fold() -> None:
               f"unfolded {forward_rate(unfolded, 16):6.1f} images/s (batch 16)")
 
 
+def threads() -> None:
+    from busi_batch.bench import forward_rate
+
+    every = torch.get_num_threads()
+    for precision in ("fp32", "bf16"):
+        loaded = load_model(None, torch.device("cpu"), precision)
+        rates = {}
+        for count in (1, every):
+            torch.set_num_threads(count)
+            rates[count] = forward_rate(loaded, 16)
+        torch.set_num_threads(every)
+        print(f"  {precision}: 1 thread {rates[1]:6.1f} images/s, {every} threads {rates[every]:6.1f} images/s "
+              f"({rates[every] / rates[1]:.2f}x; batch 16)")
+
+
 class _OpenGate:
     """A gate that never closes: decoding runs alongside the forward pass, as before the gate."""
 
@@ -103,7 +120,8 @@ def gate(study: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--parts", nargs="+", choices=("stages", "fold", "gate"), default=["stages", "fold", "gate"])
+    parser.add_argument("--parts", nargs="+", choices=("stages", "fold", "gate", "threads"),
+                        default=["stages", "fold", "gate", "threads"])
     args = parser.parse_args()
     tune_cpu_allocator()
     with tempfile.TemporaryDirectory(prefix="busi-cpu-choices-") as tmp:
@@ -115,6 +133,8 @@ def main() -> None:
                 stages(study)
             elif part == "fold":
                 fold()
+            elif part == "threads":
+                threads()
             else:
                 gate(study, Path(tmp))
 
