@@ -49,7 +49,7 @@ def stages(study: Path) -> None:
     for item in items:
         image = timed("read + decode", lambda: decode_input(read_bytes(item.path), item.frame))
         x = timed("pre-process", lambda: model_input(image, card.input_size, card.normalisation["mean"],
-                                                     card.normalisation["std"]))
+                                                     card.normalisation["std"], card.input_geometry))
         probs, lesion = forward_probabilities(loaded, torch.from_numpy(x)[None, None])
         top = CLASS_NAMES[int(np.argmax(probs[0].numpy()))]
         mask = timed("mask from probability", lambda: lesion_mask(lesion[0].numpy(), *image.shape[:2], top, rules))

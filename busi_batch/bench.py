@@ -111,7 +111,7 @@ def baseline(loaded: LoadedModel, items: list[ImageItem], out: Path) -> float:
             rows.append(ImageResult(image=item.name, status=STATUS_ERROR, error=str(err)))
             continue
         x = torch.from_numpy(model_input(image, card.input_size, card.normalisation["mean"],
-                                         card.normalisation["std"]))[None, None]
+                                         card.normalisation["std"], card.input_geometry))[None, None]
         probs, lesion = forward_probabilities(loaded, x)
         pred = Prediction(index=index, input_sha256="", height=image.shape[0], width=image.shape[1],
                           probabilities=probs[0].cpu().numpy(), lesion_probability=lesion[0].cpu().numpy())

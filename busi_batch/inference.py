@@ -128,9 +128,10 @@ class StudyDataset(Dataset):
     def __init__(
         self, items: Sequence[ImageItem], size: int, mean: float, std: float, with_truth: bool = True,
         gate: DecodeGate | None = None,
+        geometry: str = "squash",
     ):
         self.items = list(items)
-        self.size, self.mean, self.std = size, mean, std
+        self.size, self.mean, self.std, self.geometry = size, mean, std, geometry
         self.with_truth = with_truth
         self.gate = gate
 
@@ -148,7 +149,7 @@ class StudyDataset(Dataset):
         digest = hashlib.sha256(data).hexdigest()
         try:
             image = decode_input(data, item.frame)  # a DICOM file's own frame; any other image as it is
-            tensor = model_input(image, self.size, self.mean, self.std)
+            tensor = model_input(image, self.size, self.mean, self.std, self.geometry)
         except ImageDecodeError as err:
             return DecodedImage(index=index, input_sha256=digest, error=str(err))
         except (ValueError, MemoryError, Exception) as err:  # cv2.error and friends: one bad file, not a crash
@@ -460,7 +461,7 @@ def predict(
     gate = DecodeGate() if workers and device.type == "cpu" and forking else None
     dataset = StudyDataset(
         items, card.input_size, card.normalisation["mean"], card.normalisation["std"], with_truth=with_truth,
-        gate=gate,
+        gate=gate, geometry=card.input_geometry,
     )
     if device.type == "cpu":
         tune_cpu_allocator()

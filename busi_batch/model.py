@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .classes import CLASS_NAMES
+from .encoder import LiteEncoder
 from .errors import ModelLoadError
 from .postprocess import MaskRules
 
@@ -61,21 +62,26 @@ class ConvBlock(nn.Sequential):
 
 class ClassificationHead(nn.Module):
     """Classifies from the bottleneck: global average and max pooling, plus (optionally) the bottleneck
-    features averaged under the predicted lesion mask and the mask's area fraction.
+    features averaged under the predicted lesion mask and the mask's area fraction, and (``peak``) the highest
+    lesion probability anywhere in the image.
 
     Pooling under the mask lets the class decision look at the lesion rather than the whole frame; the mask
     is detached so the classification loss does not bend the segmentation.
     """
 
-    def __init__(self, channels: int, num_classes: int, mask_pooling: bool, dropout: float) -> None:
+    def __init__(
+        self, channels: int, num_classes: int, mask_pooling: bool, dropout: float, peak: bool = False,
+        hidden: int = 128,
+    ) -> None:
         super().__init__()
         self.mask_pooling = mask_pooling
-        features = channels * (3 if mask_pooling else 2) + (1 if mask_pooling else 0)
+        self.peak = peak
+        features = channels * (3 if mask_pooling else 2) + (1 if mask_pooling else 0) + (1 if peak else 0)
         self.mlp = nn.Sequential(
-            nn.Linear(features, 128),
+            nn.Linear(features, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(128, num_classes),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, bottleneck: torch.Tensor, seg_logits: torch.Tensor) -> torch.Tensor:
@@ -86,6 +92,8 @@ class ClassificationHead(nn.Module):
             weight = mask.sum(dim=(2, 3))
             pooled.append((bottleneck * mask).sum(dim=(2, 3)) / (weight + 1e-3))
             pooled.append(weight / (mask.shape[-1] * mask.shape[-2]))
+        if self.peak:  # the segmentation's own confidence that a lesion is there
+            pooled.append(torch.sigmoid(seg_logits.detach().float().amax(dim=(2, 3))).to(bottleneck.dtype))
         return self.mlp(torch.cat(pooled, dim=1))
 
 
@@ -125,6 +133,91 @@ class MultiTaskUNet(nn.Module):
         return seg_logits, self.cls_head(bottleneck, seg_logits)
 
 
+@dataclass(frozen=True)
+class LiteUNetConfig:
+    """A U-Net decoder on an EfficientNet-Lite0 encoder (see :mod:`busi_batch.encoder`).
+
+    The decoder upsamples the stride-32 features through the encoder's skips at strides 16, 8, 4 and 2 (two
+    3x3 conv + BN + ReLU per level, ``decoder_widths`` channels), predicts the lesion at stride 2 and upsamples
+    the logits bilinearly to the input size. The class head pools the encoder's 1280-channel head convolution.
+    """
+
+    name: str = "lite_unet"
+    encoder: str = "efficientnet-lite0"
+    in_channels: int = 1
+    decoder_widths: tuple[int, ...] = (96, 48, 24, 16)
+    num_classes: int = 3
+    mask_pooling: bool = True
+    peak_feature: bool = True
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))  # JSON gives a list
+        if self.encoder != "efficientnet-lite0":
+            raise ValueError(f"unknown encoder {self.encoder!r}; known: efficientnet-lite0")
+
+
+class DecoderBlock(nn.Sequential):
+    """Two 3x3 convolutions with BatchNorm and ReLU, after the upsampled input and the skip are concatenated."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class MultiTaskLiteUNet(nn.Module):
+    """Returns ``(seg_logits [B,1,H,W], class_logits [B,num_classes])`` like :class:`MultiTaskUNet`.
+
+    Input height and width must be multiples of 32.
+    """
+
+    def __init__(self, config: LiteUNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = LiteEncoder(config.in_channels)
+        *skips, deepest, head = self.encoder.channels
+        widths = config.decoder_widths
+        if len(widths) != len(skips):
+            raise ValueError(f"decoder_widths needs {len(skips)} entries, not {len(widths)}")
+        ins = [deepest, *widths[:-1]]
+        self.decoders = nn.ModuleList(
+            DecoderBlock(cin + skip, cout) for cin, skip, cout in zip(ins, reversed(skips), widths)
+        )
+        self.seg_head = nn.Conv2d(widths[-1], 1, kernel_size=1)
+        self.cls_head = ClassificationHead(head, config.num_classes, config.mask_pooling, config.dropout,
+                                           peak=config.peak_feature)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *skips, deepest, head = self.encoder(x)
+        y = deepest
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            y = decoder(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), skip], dim=1))
+        seg_logits = F.interpolate(self.seg_head(y), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return seg_logits, self.cls_head(head, seg_logits)
+
+
+#: Architecture name (the card's ``architecture["name"]``) -> (config class, network class). A card without a
+#: name is the original plain U-Net.
+ARCHITECTURES: dict[str, tuple[type, type]] = {
+    "unet": (UNetConfig, MultiTaskUNet),
+    "lite_unet": (LiteUNetConfig, MultiTaskLiteUNet),
+}
+
+
+def build_network(architecture: dict[str, Any]) -> nn.Module:
+    """The network a card's ``architecture`` describes; ValueError names the valid architectures."""
+    fields = dict(architecture)
+    name = fields.pop("name", "unet")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    config_class, network_class = ARCHITECTURES[name]
+    if name != "unet":
+        fields["name"] = name
+    return network_class(config_class(**fields))
+
+
 @dataclass
 class ModelCard:
     """Everything a user (and the report) needs to know about a checkpoint.
@@ -139,6 +232,8 @@ class ModelCard:
     version: str
     architecture: dict[str, Any]
     input_size: int = 256
+    #: how an image becomes the input square: "squash" or "letterbox" (see :mod:`busi_batch.preprocess`)
+    input_geometry: str = "squash"
     normalisation: dict[str, float] = field(default_factory=lambda: {"mean": 0.5, "std": 0.25})
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     temperature: float = 1.0
@@ -157,10 +252,11 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def mask_rules(self) -> MaskRules:
-        return MaskRules(self.threshold, self.min_component_fraction, self.empty_when_normal)
+        return MaskRules(self.threshold, self.min_component_fraction, self.empty_when_normal,
+                         letterbox=self.input_geometry == "letterbox")
 
-    def unet_config(self) -> UNetConfig:
-        return UNetConfig(**self.architecture)
+    def architecture_name(self) -> str:
+        return self.architecture.get("name", "unet")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -178,7 +274,7 @@ class ModelCard:
 class LoadedModel:
     """A ready-to-run network with the card and the path and hash it was loaded from."""
 
-    network: MultiTaskUNet
+    network: nn.Module
     card: ModelCard
     weights_path: Path
     sha256: str
@@ -240,7 +336,7 @@ def load_model(
         raise ModelLoadError(f"{card_file}: model card not found (expected beside the weights)")
     try:
         card = ModelCard.from_dict(json.loads(card_file.read_text()))
-        config = card.unet_config()
+        network = build_network(card.architecture)
     except (ValueError, TypeError) as err:
         raise ModelLoadError(f"{card_file}: invalid model card: {err}") from err
     if list(card.class_names) != list(CLASS_NAMES):
@@ -253,7 +349,6 @@ def load_model(
         )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        network = MultiTaskUNet(config)
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except Exception as err:  # torch raises many types for a bad pickle or a shape mismatch
         raise ModelLoadError(f"{weights}: cannot load weights: {str(err).splitlines()[0]}") from err

@@ -7,12 +7,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .preprocess import letterbox_box
 
-def probability_to_size(probability: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize a square lesion-probability map back to (height, width) with bilinear interpolation.
+
+def probability_to_size(probability: np.ndarray, height: int, width: int, letterbox: bool = False) -> np.ndarray:
+    """Resize a square lesion-probability map back to (height, width) with bilinear interpolation; with
+    ``letterbox`` the padding around the image (see :func:`busi_batch.preprocess.letterbox_box`) is cut off first.
 
     Interpolating the probability (not the binary mask) keeps outlines smooth at any scale.
     """
+    if letterbox:
+        top, left, inner_h, inner_w = letterbox_box(height, width, probability.shape[0])
+        probability = probability[top : top + inner_h, left : left + inner_w]
     return cv2.resize(probability.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -34,11 +40,14 @@ class MaskRules:
     threshold: float = 0.5
     min_component_fraction: float = 0.0
     empty_when_normal: bool = False
+    #: the probability map covers a letterboxed square (the model card's ``input_geometry``), not a squashed one
+    letterbox: bool = False
 
     def key(self) -> str:
         """A compact, stable description for resume settings and reports."""
-        return (f"threshold={self.threshold:g};min_component={self.min_component_fraction:g};"
-                f"empty_when_normal={int(self.empty_when_normal)}")
+        key = (f"threshold={self.threshold:g};min_component={self.min_component_fraction:g};"
+               f"empty_when_normal={int(self.empty_when_normal)}")
+        return key + (";letterbox=1" if self.letterbox else "")
 
 
 def _occupied(mask: np.ndarray) -> tuple[slice, slice] | None:
@@ -76,7 +85,7 @@ def lesion_mask(
     """The reported binary mask at (height, width): resize, binarise, drop specks, respect a *normal* verdict."""
     if rules.empty_when_normal and predicted_class == "normal":
         return np.zeros((height, width), dtype=bool)
-    mask = binarise(probability_to_size(probability, height, width), rules.threshold)
+    mask = binarise(probability_to_size(probability, height, width, rules.letterbox), rules.threshold)
     if rules.min_component_fraction > 0:
         mask = remove_small_components(mask, int(np.ceil(rules.min_component_fraction * height * width)))
     return mask

@@ -35,17 +35,42 @@ class AugmentConfig:
     contrast: float = 0.2
     p_gamma: float = 0.3
     p_noise_or_blur: float = 0.2
+    # Scanner and field-of-view differences (0 = off, as in v1). ``aspect`` scales width and height each by up to
+    # this factor on their own; ``p_crop`` zooms into a random crop (a narrower field of view); ``p_gain_ramp`` is a
+    # smooth brightness gradient (time-gain compensation and probe-contact differences); ``p_speckle`` multiplies
+    # every pixel by its own noise; ``p_resolution`` downsamples and upsamples (older or lower-resolution scanners).
+    aspect: float = 0.0
+    p_crop: float = 0.0
+    crop_min_area: float = 0.6
+    p_gain_ramp: float = 0.0
+    p_speckle: float = 0.0
+    p_resolution: float = 0.0
 
 
-def build_augment(config: AugmentConfig | None = None, seed: int | None = None) -> A.Compose:
-    """The albumentations pipeline; call it as ``pipeline(image=img, mask=mask)``. ``seed`` makes it repeatable."""
+def build_augment(config: AugmentConfig | None = None, seed: int | None = None, size: int = 256) -> A.Compose:
+    """The albumentations pipeline for ``size`` x ``size`` pairs; call it as ``pipeline(image=img, mask=mask)``.
+    ``seed`` makes it repeatable."""
     c = config or AugmentConfig()
+    scale: tuple[float, float] | dict[str, tuple[float, float]] = (c.scale_min, c.scale_max)
+    if c.aspect > 0:  # width and height scaled independently: the image's aspect ratio changes
+        low, high = c.scale_min / (1 + c.aspect), c.scale_max * (1 + c.aspect)
+        scale = {"x": (low, high), "y": (low, high)}
+    crop = [A.RandomResizedCrop(size=(size, size), scale=(c.crop_min_area, 1.0), p=c.p_crop)] if c.p_crop > 0 else []
+    scanner = []
+    if c.p_gain_ramp > 0:
+        scanner.append(A.Illumination(mode="linear", intensity_range=(0.05, 0.2), effect_type="both",
+                                      p=c.p_gain_ramp))
+    if c.p_speckle > 0:
+        scanner.append(A.MultiplicativeNoise(multiplier=(0.8, 1.2), elementwise=True, p=c.p_speckle))
+    if c.p_resolution > 0:
+        scanner.append(A.Downscale(scale_range=(0.4, 0.85), p=c.p_resolution))
     return A.Compose(
         [
             A.HorizontalFlip(p=c.p_flip),
+            *crop,
             A.Affine(
                 rotate=(-c.rotate_deg, c.rotate_deg),
-                scale=(c.scale_min, c.scale_max),
+                scale=scale,
                 translate_percent=(-c.translate, c.translate),
                 interpolation=cv2.INTER_LINEAR,
                 mask_interpolation=cv2.INTER_NEAREST,
@@ -66,6 +91,7 @@ def build_augment(config: AugmentConfig | None = None, seed: int | None = None) 
                 ],
                 p=c.p_noise_or_blur,
             ),
+            *scanner,
         ],
         seed=seed,
     )

