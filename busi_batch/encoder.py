@@ -134,9 +134,9 @@ def weights_from_reference(reference: dict[str, torch.Tensor], in_channels: int 
     :class:`LiteEncoder`'s; the ImageNet classifier (``_fc``) is dropped.
 
     With ``in_channels=1`` the RGB stem is folded into one grey channel: each colour's kernel is scaled by
-    ``GREY_STD / std_c`` and summed, so a grey image normalised with ``GREY_MEAN`` / ``GREY_STD`` meets the stem
-    as the same grey image, replicated and normalised per channel, would (exact but for the small differences
-    between the three channel means).
+    ``GREY_STD / std_c`` and summed, and the constant left over by the three channel means moves into the stem's
+    BatchNorm, so a grey image normalised with ``GREY_MEAN`` / ``GREY_STD`` gives the stem the same output as the
+    grey image replicated into RGB and normalised per channel (exact but for the zero padding at the border).
     """
     names = {"_conv_stem": "stem.conv", "_bn0": "stem.bn", "_conv_head": "head.conv", "_bn1": "head.bn"}
     inner = {"_expand_conv": "expand.conv", "_bn0": "expand.bn", "_depthwise_conv": "depthwise.conv",
@@ -153,8 +153,13 @@ def weights_from_reference(reference: dict[str, torch.Tensor], in_channels: int 
         mapped[target] = value
     if in_channels == 1:
         stem = mapped["stem.conv.weight"]
-        scale = torch.tensor([GREY_STD / s for s in IMAGENET_STD], dtype=stem.dtype).view(1, 3, 1, 1)
-        mapped["stem.conv.weight"] = (stem * scale).sum(dim=1, keepdim=True)
+        std = torch.tensor(IMAGENET_STD, dtype=stem.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=stem.dtype).view(1, 3, 1, 1)
+        mapped["stem.conv.weight"] = (stem * GREY_STD / std).sum(dim=1, keepdim=True)
+        # sum_c W_c (g - m_c) / s_c  =  W_grey (g - GREY_MEAN) / GREY_STD  +  sum_c W_c (GREY_MEAN - m_c) / s_c:
+        # the constant second term moves into the BatchNorm's running mean
+        offset = (stem * (GREY_MEAN - mean) / std).sum(dim=(1, 2, 3))
+        mapped["stem.bn.running_mean"] = mapped["stem.bn.running_mean"] - offset
     elif in_channels != 3:
         raise ValueError(f"in_channels must be 1 or 3, not {in_channels}")
     return mapped

@@ -11,6 +11,9 @@ Definitions (also in the README and restated inside every ``metrics.json``):
 * Classification: scikit-learn's accuracy, weighted / macro precision, recall, F1, Matthews correlation,
   confusion matrix (rows = true, columns = predicted), per-class one-vs-rest specificity and ROC AUC.
   95% intervals are percentile bootstraps over images (fixed seed, so a rerun gives the same interval).
+* Calibration: ``ece`` is the expected calibration error of the top-class confidence (15 equal-width bins: the
+  bin-weighted mean gap between confidence and accuracy); ``reliability`` lists 10 equal-width bins (count, mean
+  confidence, accuracy) for a reliability diagram; ``roc_curves`` holds each class's one-vs-rest ROC points.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sklearn.metrics import (
     matthews_corrcoef,
     precision_recall_fscore_support,
     roc_auc_score,
+    roc_curve,
 )
 
 EMPTY_MASK_RULE = (
@@ -163,6 +167,16 @@ def classification_metrics(
         }
         for k, name in enumerate(class_names)
     }
+    calibration: dict[str, Any] = {}
+    if probabilities is not None:
+        probs = np.asarray(probabilities, dtype=float)
+        calibration = {
+            "ece": expected_calibration_error(probs, yt),
+            "ece_ci95": list(bootstrap_ci(lambda t, i: expected_calibration_error(probs[i], t), yt,
+                                          np.arange(yt.size), n_boot=n_boot, seed=seed)),
+            "reliability": reliability_bins(probs, yt),
+            "roc_curves": roc_curves(yt, probs, class_names),
+        }
     return {
         "n_images": int(yt.size),
         "class_order": list(class_names),
@@ -177,6 +191,7 @@ def classification_metrics(
         "confusion_matrix": cm.tolist(),
         "per_class": per_class,
         "roc_auc": auc,
+        **calibration,
     }
 
 
@@ -193,3 +208,39 @@ def expected_calibration_error(probabilities: np.ndarray, y_true: Sequence[int],
         if in_bin.any():
             ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
     return float(ece)
+
+
+def reliability_bins(probabilities: np.ndarray, y_true: Sequence[int], n_bins: int = 10) -> list[dict[str, Any]]:
+    """Equal-width bins of the top-class confidence: ``[{lo, hi, count, confidence, accuracy}]``; the last two
+    are None for an empty bin. Plotting accuracy against confidence gives the reliability diagram."""
+    probs = np.asarray(probabilities, dtype=float)
+    yt = np.asarray(y_true, dtype=int)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == yt
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = []
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        in_bin = (confidence > lo) & (confidence <= hi) if k else (confidence >= lo) & (confidence <= hi)
+        count = int(in_bin.sum())
+        bins.append({
+            "lo": float(lo), "hi": float(hi), "count": count,
+            "confidence": float(confidence[in_bin].mean()) if count else None,
+            "accuracy": float(correct[in_bin].mean()) if count else None,
+        })
+    return bins
+
+
+def roc_curves(
+    y_true: Sequence[int], probabilities: np.ndarray, class_names: Sequence[str]
+) -> dict[str, dict[str, list[float]] | None]:
+    """One-vs-rest ROC points per class (``fpr``, ``tpr``), None where the class is absent or alone."""
+    yt = np.asarray(y_true, dtype=int)
+    curves: dict[str, dict[str, list[float]] | None] = {}
+    for k, name in enumerate(class_names):
+        positives = yt == k
+        if positives.all() or not positives.any():
+            curves[name] = None
+            continue
+        fpr, tpr, _ = roc_curve(positives, np.asarray(probabilities, dtype=float)[:, k])
+        curves[name] = {"fpr": [round(float(v), 5) for v in fpr], "tpr": [round(float(v), 5) for v in tpr]}
+    return curves

@@ -115,3 +115,39 @@ def test_expected_calibration_error() -> None:
     assert metrics.expected_calibration_error(probs, [0, 0, 0, 1]) == pytest.approx(0.5 * 0.1 + 0.5 * 0.1)
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert metrics.expected_calibration_error(perfect, [0, 1]) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def test_reliability_bins_by_hand() -> None:
+    from busi_batch.metrics import reliability_bins
+
+    probs = np.array([[0.95, 0.05, 0.0], [0.05, 0.95, 0.0], [0.55, 0.45, 0.0], [0.35, 0.33, 0.32]])
+    y = np.array([0, 0, 1, 0])  # right, wrong, wrong, right
+    bins = reliability_bins(probs, y, n_bins=10)
+    assert [b["count"] for b in bins] == [0, 0, 0, 1, 0, 1, 0, 0, 0, 2]
+    assert bins[9]["confidence"] == pytest.approx(0.95) and bins[9]["accuracy"] == pytest.approx(0.5)
+    assert bins[5]["accuracy"] == 0.0 and bins[3]["accuracy"] == 1.0 and bins[0]["confidence"] is None
+
+
+def test_ece_and_its_interval_by_hand() -> None:
+    from busi_batch.metrics import classification_metrics
+
+    # confidence 0.9 everywhere, 60% right: ECE = |0.9 - 0.6| = 0.3 exactly
+    probs = np.tile([0.9, 0.05, 0.05], (10, 1))
+    y = np.array([0] * 6 + [1] * 4)
+    result = classification_metrics(y, probs.argmax(axis=1), probs, ["normal", "benign", "malignant"], n_boot=200)
+    assert result["ece"] == pytest.approx(0.3)
+    low, high = result["ece_ci95"]
+    assert low < 0.3 < high and 0.0 <= low and high <= 0.9
+
+
+def test_roc_curve_points_match_a_hand_ranking() -> None:
+    from busi_batch.metrics import roc_curves
+
+    probs = np.array([[0.1, 0.9, 0.0], [0.4, 0.6, 0.0], [0.35, 0.65, 0.0], [0.8, 0.2, 0.0]])
+    y = np.array([1, 1, 0, 0])
+    curves = roc_curves(y, probs, ["normal", "benign", "malignant"])
+    # benign scores: positives 0.9, 0.6; negatives 0.65, 0.2 -> TPR steps 0 -> .5 (0.9) -> .5/.5 (0.65) -> 1 (0.6)
+    assert curves["benign"]["tpr"] == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert curves["benign"]["fpr"] == [0.0, 0.0, 0.5, 0.5, 1.0]
+    assert curves["malignant"] is None  # no malignant image: no curve

@@ -277,3 +277,38 @@ def test_validation_builds_no_autograd_graph(fake_busi: Path, tmp_path: Path, pr
     model = MultiTaskUNet(UNetConfig(base_width=4, depth=3))  # parameters require grad, as in training
     result = validate(model, data, config)
     assert result["logits"].shape == (len(data.val_labels), 3) and 0.0 <= result["acc"] <= 1.0
+
+
+def test_cross_validation_then_a_fixed_schedule_model_exported_with_out_of_fold_choices(
+    fake_busi: Path, tmp_path: Path,
+) -> None:
+    """train.cv trains each fold on the others and chooses temperature + mask rules on out-of-fold predictions
+    only; a run on every fold (val_fold none) exports with those choices and is scored once on test."""
+    from train.cv import cross_validate, load_summary
+    from train.export import export
+
+    arrays = prepare(fake_busi, 32)
+    split = fake_split(arrays["rel"])
+    split_csv = tmp_path / "split.csv"
+    split.to_csv(split_csv, index=False)
+    config = tiny_config(fake_busi, split_csv)
+    config["cache"] = str(tmp_path / "cache.npz")
+    summary = cross_validate(config, tmp_path / "cv", ["0", "1"], fake_busi, split_csv, n_boot=20)
+    assert summary["n_images"] == {"0": 3, "1": 3}  # each fold's own images, never a test one
+    assert summary["pooled"]["classification"]["n_images"] == 6
+    assert set(summary["per_fold"]) == {"0", "1"} and summary["temperature"]["temperature"] > 0
+    assert summary["mean_sd"]["accuracy"]["mean"] == pytest.approx(
+        np.mean([summary["per_fold"][f]["accuracy"] for f in ("0", "1")]))
+    assert load_summary(tmp_path / "cv") == json.loads(json.dumps(summary))
+
+    final = tmp_path / "final"
+    fit({**config, "val_fold": "none"}, final, arrays=arrays, split=split)
+    assert json.loads((final / "summary.json").read_text())["n_train"] == 8  # folds 0-2, not test or excluded
+    with pytest.raises(ValueError, match="--cv"):
+        export(final, "tiny_v2", weights_dir=tmp_path / "weights", data=fake_busi, n_boot=20)
+    card = export(final, "tiny_v2", weights_dir=tmp_path / "weights", data=fake_busi, n_boot=20, cv=tmp_path / "cv")
+    assert card.temperature == pytest.approx(summary["temperature"]["temperature"], abs=1e-4)
+    assert card.threshold == summary["mask_rules"]["chosen"]["threshold"]
+    assert card.extra["cross_validation"]["folds"] == ["0", "1"]
+    assert card.metrics["classification"]["n_images"] == 3 and "ece" in card.metrics["classification"]
+    load_model(tmp_path / "weights" / "tiny_v2.pt")

@@ -27,14 +27,13 @@ import yaml
 
 from busi_batch.classes import CLASS_NAMES
 from busi_batch.imageio import atomic_write_text
-from busi_batch.model import (
-    WEIGHTS_DIR, ModelCard, MultiTaskUNet, card_path_for, load_model, save_model, sha256_file,
-)
+from busi_batch.model import WEIGHTS_DIR, ModelCard, card_path_for, load_model, save_model, sha256_file
 
 from . import evaluate as evaluation
 from . import tune_mask
 from .calibrate import Calibration, calibrate_run
-from .fit import unet_config
+from .cv import load_summary as load_cv_summary
+from .fit import NO_VALIDATION, network_from_config
 
 VERSION = "1.0.0"
 #: Headline test metrics that must not change when the weights are stored as float16.
@@ -51,6 +50,11 @@ SPLIT_PROTOCOL = (
     "test portion, never used for training, model selection or calibration; the rest is split again into 5 "
     "group folds, fold {val_fold} for validation (model selection, temperature), the other 4 for training."
 )
+SPLIT_PROTOCOL_ALL_FOLDS = SPLIT_PROTOCOL.split(" the rest is split")[0] + (
+    " the rest is split again into 5 group folds. The recipe and its fixed schedule were cross-validated on folds "
+    "{folds} (each trained on the other four); temperature and mask rules were chosen on those out-of-fold "
+    "predictions. The shipped weights are trained on all 5 folds with the same schedule."
+)
 
 
 def load_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -61,10 +65,24 @@ def load_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     return config, summary, git
 
 
-def build_network(config: dict[str, Any], state_path: Path) -> MultiTaskUNet:
-    network = MultiTaskUNet(unet_config(config))
+def build_network(config: dict[str, Any], state_path: Path) -> torch.nn.Module:
+    network = network_from_config(config)
     network.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     return network.eval()
+
+
+def provisional_card(name: str, config: dict[str, Any]) -> ModelCard:
+    """What the config alone says about a checkpoint: architecture, input size and geometry, normalisation.
+    Temperature 1 and the plain 0.5 mask threshold until calibration and mask rules are chosen."""
+    return ModelCard(
+        name=name,
+        version=VERSION,
+        architecture=dataclasses.asdict(network_from_config(config).config),
+        input_size=int(config["size"]),
+        input_geometry=config.get("geometry", "squash"),
+        normalisation={k: float(v) for k, v in config["normalisation"].items()},
+        class_names=list(CLASS_NAMES),
+    )
 
 
 def training_command(run: Path, config: dict[str, Any]) -> str:
@@ -77,27 +95,30 @@ def training_command(run: Path, config: dict[str, Any]) -> str:
 
 
 def make_card(
-    name: str, run: Path, config: dict[str, Any], summary: dict[str, Any], git: str, calibration: Calibration
+    name: str, run: Path, config: dict[str, Any], summary: dict[str, Any], git: str, calibration: Calibration,
+    cv: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """Everything known before test evaluation; ``metrics`` is filled in afterwards."""
+    """Everything known before test evaluation; ``metrics`` is filled in afterwards. ``cv`` is a
+    :mod:`train.cv` summary when temperature and mask rules come from out-of-fold predictions."""
     split_path = Path(config["split"])
     split_sha = sha256_file(split_path) if split_path.is_file() else "unknown"
+    fixed_schedule = str(config["val_fold"]) == NO_VALIDATION
+    if fixed_schedule:
+        protocol = SPLIT_PROTOCOL_ALL_FOLDS.format(folds=", ".join(cv["folds"]) if cv else "?")
+        trained = f" Trained on {summary.get('n_train', '?')} images (all non-test folds)."
+    else:
+        protocol = SPLIT_PROTOCOL.format(val_fold=config["val_fold"])
+        trained = f" Trained on {summary.get('n_train', '?')} images, validated on {summary.get('n_val', '?')}."
     training_data = (
         "BUSI (Al-Dhabyani et al., Data in Brief 28 (2020) 104863; 780 breast ultrasound images, 437 benign, "
         "210 malignant, 133 normal, with lesion masks; Baheya Hospital, Cairo, 2018). "
-        f"Split file {split_path.as_posix()} (sha256 {split_sha}). "
-        + SPLIT_PROTOCOL.format(val_fold=config["val_fold"])
-        + f" Trained on {summary.get('n_train', '?')} images, validated on {summary.get('n_val', '?')}."
+        f"Split file {split_path.as_posix()} (sha256 {split_sha}). " + protocol + trained
     )
-    return ModelCard(
-        name=name,
-        version=VERSION,
-        architecture=dataclasses.asdict(unet_config(config)),
-        input_size=int(config["size"]),
-        normalisation={k: float(v) for k, v in config["normalisation"].items()},
-        class_names=list(CLASS_NAMES),
+    extra_cv = {"cross_validation": {k: cv[k] for k in ("protocol", "folds", "n_images", "per_fold", "mean_sd")}} \
+        if cv else {}
+    return dataclasses.replace(
+        provisional_card(name, config),
         temperature=round(calibration.temperature, 4),
-        threshold=0.5,
         training_data=training_data,
         extra={
             "training_command": training_command(run, config),
@@ -106,14 +127,17 @@ def make_card(
             "training_minutes": summary.get("training_minutes"),
             "epochs": {"done": summary.get("epochs_done"), "planned": summary.get("epochs_planned"),
                        "best_epoch": summary.get("best_epoch"), "stopped_early": summary.get("stopped_early")},
-            "selection": "EMA weights of the joint-phase epoch with the best validation Dice + MCC",
+            "selection": "EMA weights at the end of the fixed schedule (no epoch selection)" if fixed_schedule
+            else "EMA weights of the joint-phase epoch with the best validation Dice + MCC",
             "git_commit": git,
             "split_sha256": split_sha,
             "calibration": {
-                "method": "temperature scaling, NLL minimised on the validation fold",
+                "method": "temperature scaling, NLL minimised on the " + (
+                    "pooled out-of-fold predictions of the cross-validation" if cv else "validation fold"),
                 **{k: round(v, 5) if isinstance(v, float) else v for k, v in dataclasses.asdict(calibration).items()},
             },
             "recipe": {k: config[k] for k in ("phases", "optimizer", "loss", "ema", "batch_size", "seed")},
+            **extra_cv,
         },
     )
 
@@ -129,28 +153,41 @@ def half_matches(fp32: dict[str, Any], fp16: dict[str, Any]) -> bool:
 
 def export(
     run: Path, name: str, weights_dir: Path = WEIGHTS_DIR, half: bool = False, data: Path | None = None,
-    n_boot: int = 1000, tune_rules: bool = True,
+    n_boot: int = 1000, tune_rules: bool = True, cv: Path | None = None,
 ) -> ModelCard:
-    """Write ``weights_dir/name.pt`` + ``.json`` from the run and fill the card's test metrics."""
+    """Write ``weights_dir/name.pt`` + ``.json`` from the run and fill the card's test metrics.
+
+    Without ``cv`` the temperature and mask rules are chosen on the run's validation fold; with ``cv`` (a
+    :mod:`train.cv` folder) they come from its out-of-fold choices, as they must for a run trained on every fold.
+    """
     run = Path(run)
     config, summary, git = load_run(run)
-    calibration = calibrate_run(run)
+    cv_summary = load_cv_summary(cv) if cv else None
+    if cv_summary is None and str(config["val_fold"]) == NO_VALIDATION:
+        raise ValueError(f"{run} was trained on every fold: temperature and mask rules need --cv")
+    calibration = Calibration(**cv_summary["temperature"]) if cv_summary else calibrate_run(run)
     network = build_network(config, run / "best.pt")
-    card = make_card(name, run, config, summary, git, calibration)
+    card = make_card(name, run, config, summary, git, calibration, cv_summary)
     weights = Path(weights_dir) / f"{name}.pt"
     data = Path(data or config["data"])
     split = Path(config["split"])
 
     card = save_model(network, card, weights, half=False)
-    if tune_rules:
+    chosen: dict[str, Any] | None = None
+    if cv_summary:
+        chosen = cv_summary["mask_rules"]["chosen"]
+        record = {"source": "cross-validation out-of-fold predictions", **cv_summary["mask_rules"]}
+    elif tune_rules:
         tuning = tune_mask.tune(load_model(weights), data, split, str(config["val_fold"]))
         chosen = tuning["chosen"]
+        record = {k: tuning[k] for k in ("fold", "n_images", "criterion", "chosen", "default")}
+        print(f"mask rules (validation fold {tuning['fold']}): {chosen}  [default: {tuning['default']}]")
+    if chosen is not None:
         card = dataclasses.replace(
             card, threshold=chosen["threshold"], min_component_fraction=chosen["min_component_fraction"],
             empty_when_normal=chosen["empty_when_normal"],
         )
-        card.extra["mask_rules"] = {k: tuning[k] for k in ("fold", "n_images", "criterion", "chosen", "default")}
-        print(f"mask rules (validation fold {tuning['fold']}): {chosen}  [default: {tuning['default']}]")
+        card.extra["mask_rules"] = record
         card = save_model(network, card, weights, half=False)
     metrics = evaluation.evaluate(weights, data, split, n_boot=n_boot)
     print("float32:\n" + evaluation.table(metrics))
@@ -177,11 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--data", type=Path, default=None, help="BUSI folder (default: the run config's)")
     parser.add_argument("--half", action="store_true", help="store float16 weights if test metrics do not move")
+    parser.add_argument("--cv", type=Path, default=None,
+                        help="train.cv folder: temperature and mask rules from its out-of-fold predictions")
     parser.add_argument("--plain-mask", action="store_true",
                         help="keep the plain 0.5 threshold instead of choosing mask rules on the validation fold")
     args = parser.parse_args(argv)
     card = export(args.run, args.name, args.weights_dir, half=args.half, data=args.data,
-                  tune_rules=not args.plain_mask)
+                  tune_rules=not args.plain_mask, cv=args.cv)
     weights = Path(args.weights_dir) / f"{args.name}.pt"
     print(f"wrote {weights} ({card.weights_dtype}, sha256 {card.weights_sha256[:12]}…, T={card.temperature})")
 

@@ -43,8 +43,10 @@ class RuleScore:
     false_positive_rate_normal: float | None
 
 
-def candidate_rules() -> list[MaskRules]:
-    return [MaskRules(t, m, e) for t, m, e in itertools.product(THRESHOLDS, MIN_COMPONENT_FRACTIONS, (False, True))]
+def candidate_rules(letterbox: bool = False) -> list[MaskRules]:
+    """The grid, for probability maps of a letterboxed (or squashed) input."""
+    return [MaskRules(t, m, e, letterbox)
+            for t, m, e in itertools.product(THRESHOLDS, MIN_COMPONENT_FRACTIONS, (False, True))]
 
 
 def score_rules(predictions: list[tuple[ImageItem, Prediction]], rules: MaskRules) -> RuleScore:
@@ -69,21 +71,23 @@ def tune(loaded: LoadedModel, data: Path, split_path: Path, fold: str, workers: 
     """Score every candidate on validation fold ``fold``; returns the chosen rules, the default's score, the grid."""
     items = fold_items(Path(data), load_split(split_path), fold)
     preds = [(items[pred.index], pred) for pred in predict(loaded, items, workers=workers)]
-    scores = [score_rules(preds, rules) for rules in candidate_rules()]
+    letterbox = loaded.card.input_geometry == "letterbox"
+    scores = [score_rules(preds, rules) for rules in candidate_rules(letterbox)]
     chosen = choose(scores)
-    default = next(s for s in scores if s.rules == MaskRules())
+    default = next(s for s in scores if s.rules == MaskRules(letterbox=letterbox))
     return {
         "fold": fold,
         "n_images": len(preds),
         "criterion": f"mean per-image Dice over all images (dice_mean_all) at native resolution; simplest rules "
                      f"within {TIE} of the best",
-        "chosen": _row(chosen),
-        "default": _row(default),
-        "grid": [_row(s) for s in scores],
+        "chosen": row(chosen),
+        "default": row(default),
+        "grid": [row(s) for s in scores],
     }
 
 
-def _row(score: RuleScore) -> dict[str, Any]:
+def row(score: RuleScore) -> dict[str, Any]:
+    """A JSON-ready record of one rule set and its scores."""
     fpr = score.false_positive_rate_normal
     return {**asdict(score.rules), "dice_mean_all": round(score.dice_all, 4), "dice_mean": round(score.dice, 4),
             "false_positive_rate_normal": None if fpr is None else round(fpr, 4)}
