@@ -300,6 +300,9 @@ def test_cross_validation_then_a_fixed_schedule_model_exported_with_out_of_fold_
     assert summary["mean_sd"]["accuracy"]["mean"] == pytest.approx(
         np.mean([summary["per_fold"][f]["accuracy"] for f in ("0", "1")]))
     assert load_summary(tmp_path / "cv") == json.loads(json.dumps(summary))
+    evidence = summary["lesion_evidence_rule"]
+    assert evidence[0]["peak"] is None and evidence[0]["changed"] == 0
+    assert evidence[0]["accuracy"] == pytest.approx(summary["pooled"]["classification"]["accuracy"])
 
     final = tmp_path / "final"
     fit({**config, "val_fold": "none"}, final, arrays=arrays, split=split)
@@ -312,3 +315,25 @@ def test_cross_validation_then_a_fixed_schedule_model_exported_with_out_of_fold_
     assert card.extra["cross_validation"]["folds"] == ["0", "1"]
     assert card.metrics["classification"]["n_images"] == 3 and "ece" in card.metrics["classification"]
     load_model(tmp_path / "weights" / "tiny_v2.pt")
+
+
+def test_lesion_evidence_rule_overrules_only_confident_normal_verdicts() -> None:
+    from busi_batch.discover import ImageItem
+    from busi_batch.inference import Prediction
+    from train.cv import lesion_evidence_rule
+
+    def pair(true: str, probs: list[float], peak: float) -> tuple:
+        lesion = np.zeros((4, 4), dtype=np.float32)
+        lesion[0, 0] = peak
+        return (ImageItem(path=Path("x.png"), rel="x.png", true_class=true),
+                Prediction(index=0, input_sha256="", height=4, width=4, probabilities=np.array(probs),
+                           lesion_probability=lesion))
+
+    pairs = [pair("benign", [0.6, 0.3, 0.1], 0.97),     # called normal, confident lesion: becomes benign (right)
+             pair("normal", [0.7, 0.1, 0.2], 0.6),      # called normal, weak blob: stays normal below 0.7
+             pair("malignant", [0.1, 0.2, 0.7], 0.99),  # not called normal: never touched
+             pair("normal", [0.8, 0.15, 0.05], 0.1)]
+    rows = {row["peak"]: row for row in lesion_evidence_rule(pairs)}
+    assert rows[None]["accuracy"] == pytest.approx(0.75) and rows[None]["changed"] == 0
+    assert rows[0.9]["changed"] == 1 and rows[0.9]["changed_right"] == 1 and rows[0.9]["accuracy"] == 1.0
+    assert rows[0.5]["changed"] == 2 and rows[0.5]["changed_right"] == 1 and rows[0.5]["accuracy"] == 0.75
