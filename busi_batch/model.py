@@ -35,6 +35,7 @@ DEFAULT_MODEL_NAME = "busi_unet_v1"
 class UNetConfig:
     """Architecture hyper-parameters; stored in the model card so a checkpoint rebuilds its own network."""
 
+    name: str = "unet"
     in_channels: int = 1
     base_width: int = 16
     depth: int = 4
@@ -70,18 +71,17 @@ class ClassificationHead(nn.Module):
     """
 
     def __init__(
-        self, channels: int, num_classes: int, mask_pooling: bool, dropout: float, peak: bool = False,
-        hidden: int = 128,
+        self, channels: int, num_classes: int, mask_pooling: bool, dropout: float, peak: bool = False
     ) -> None:
         super().__init__()
         self.mask_pooling = mask_pooling
         self.peak = peak
         features = channels * (3 if mask_pooling else 2) + (1 if mask_pooling else 0) + (1 if peak else 0)
         self.mlp = nn.Sequential(
-            nn.Linear(features, hidden),
+            nn.Linear(features, 128),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, bottleneck: torch.Tensor, seg_logits: torch.Tensor) -> torch.Tensor:
@@ -198,8 +198,8 @@ class MultiTaskLiteUNet(nn.Module):
         return seg_logits, self.cls_head(head, seg_logits)
 
 
-#: Architecture name (the card's ``architecture["name"]``) -> (config class, network class). A card without a
-#: name is the original plain U-Net.
+#: Architecture name (the card's ``architecture["name"]``) -> (config class, network class). Cards written
+#: before architectures had names (busi_unet_v1) are the plain U-Net.
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "unet": (UNetConfig, MultiTaskUNet),
     "lite_unet": (LiteUNetConfig, MultiTaskLiteUNet),
@@ -208,14 +208,11 @@ ARCHITECTURES: dict[str, tuple[type, type]] = {
 
 def build_network(architecture: dict[str, Any]) -> nn.Module:
     """The network a card's ``architecture`` describes; ValueError names the valid architectures."""
-    fields = dict(architecture)
-    name = fields.pop("name", "unet")
+    name = architecture.get("name", "unet")
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     config_class, network_class = ARCHITECTURES[name]
-    if name != "unet":
-        fields["name"] = name
-    return network_class(config_class(**fields))
+    return network_class(config_class(**architecture))
 
 
 @dataclass
