@@ -102,12 +102,18 @@ def test_rerun_skips_unchanged_and_redoes_edited(sample_study: Path, tiny_weight
     assert "7 processed, 0 unchanged" in forced.output
 
 
-def test_other_model_redoes_everything(sample_study: Path, tiny_weights: Path, tmp_path: Path) -> None:
+def test_other_model_is_refused_then_redoes_everything_with_force(
+    sample_study: Path, tiny_weights: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     assert invoke(sample_study, "--out", out, "--weights", tiny_weights, "-j", "0").exit_code == 0
+    before = tree_digest(out)
     other = make_tiny_checkpoint(tmp_path / "other.pt", seed=9)
-    result = invoke(sample_study, "--out", out, "--weights", other, "-j", "0")
-    assert "8 processed, 0 unchanged" in result.output
+    refused = invoke(sample_study, "--out", out, "--weights", other, "-j", "0")
+    assert refused.exit_code == 5 and "made by model" in refused.output and "--force" in refused.output
+    assert tree_digest(out) == before  # nothing written
+    result = invoke(sample_study, "--out", out, "--weights", other, "-j", "0", "--force")
+    assert result.exit_code == 0 and "8 processed, 0 unchanged" in result.output
 
 
 def test_output_inside_input_is_refused(sample_study: Path, tiny_weights: Path, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from busi_batch import pipeline
+from busi_batch import pipeline, runfolder
 from busi_batch.cli import app
 from busi_batch.discover import discover
 from busi_batch.imageio import TEMP_PREFIX
@@ -188,19 +188,22 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
             time.sleep(rng.uniform(0.2, 3.0))  # anywhere: start-up, model load, discovery or inference
         else:
             before = journal_rows(out)
-            started = wait_for(lambda: journal_rows(out) > before, proc=proc)
+            assert wait_for(lambda: journal_rows(out) > before, proc=proc), proc.communicate()[1]
             time.sleep(rng.uniform(0.0, 0.6))  # somewhere in the inference
-            kills_mid_inference += started
-        if proc.poll() is None:
-            if attempt == 1:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as `kill -9 -PGID` or a job scheduler
-            else:
-                os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer
+        os.killpg(proc.pid, signal.SIGSTOP)  # frozen: what is checked next is the moment of the kill
+        if attempt > 0:  # proven mid-inference: the run had started writing rows and had not finished
+            assert proc.poll() is None and json.loads((out / pipeline.RUN_JSON).read_text())["status"] == "running"
+            kills_mid_inference += 1
+        if attempt == 1:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as `kill -9 -PGID` or a job scheduler
+        else:
+            os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer
+            os.killpg(proc.pid, signal.SIGCONT)
         proc.wait(timeout=60)
         assert_no_orphans(proc.pid, within=20)  # orphaned decoding workers notice and leave (PyTorch watchdog)
         assert_valid_state(out)
-    assert kills_mid_inference >= 1
-    done_before = len(pipeline._previous_rows(out))
+    assert kills_mid_inference == 2
+    done_before = len(runfolder.previous_rows(out))
 
     final = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2")
     _, stderr = final.communicate(timeout=180)
@@ -236,7 +239,10 @@ def test_sigterm_to_process_group_stops_after_the_batch(
     out = tmp_path / "out"
     proc = start_run(fault_study, out, tiny_weights, "-b", "3", "-j", "2")
     assert wait_for(lambda: journal_rows(out) >= 3, proc=proc), proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen, so the signal below provably lands mid-run
+    assert proc.poll() is None and journal_rows(out) < 37
     os.killpg(proc.pid, sig)
+    os.killpg(proc.pid, signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr and "reached a decoding worker" not in stderr
@@ -277,6 +283,37 @@ def test_signal_mid_batch_finishes_exactly_that_batch(
     assert f"stopped by {sig.name} after 6 images" in result.output
     assert len(read_results_csv(out / pipeline.CSV_NAME)) == 6
     assert len(list((out / "masks").rglob("*.png"))) == 6
+
+
+def test_resume_at_batch_size_one_is_bit_identical(
+    fault_study: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact, not approximate: with one image per batch a resumed run meets every image in the same batch (of
+    one) as an uninterrupted run, so on CPU its probabilities and mask bytes are the same to the bit. (Larger
+    batches are compared with a tolerance in ``compare_with_reference``, which says why.)"""
+    reference = tmp_path / "reference"
+    assert invoke(fault_study, "--out", reference, "--weights", tiny_weights, "-b", "1", "-j", "0").exit_code == 3
+    out = tmp_path / "out"
+    written = []
+    encode = pipeline.encode_mask_png
+
+    def encode_and_signal(mask):
+        written.append(1)
+        if len(written) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return encode(mask)
+
+    monkeypatch.setattr(pipeline, "encode_mask_png", encode_and_signal)
+    assert invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "1", "-j", "0").exit_code == 4
+    monkeypatch.setattr(pipeline, "encode_mask_png", encode)
+    resumed = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "1", "-j", "0")
+    assert resumed.exit_code == 3 and "10 unchanged" in resumed.output
+    got, want = read_results_csv(out / pipeline.CSV_NAME), read_results_csv(reference / pipeline.CSV_NAME)
+    assert got == want
+    for row in want:
+        if row.ok:
+            assert (out / row.mask).read_bytes() == (reference / row.mask).read_bytes(), row.image
+    assert (out / pipeline.METRICS_JSON).read_bytes() == (reference / pipeline.METRICS_JSON).read_bytes()
 
 
 def test_signal_before_inference_processes_nothing(
