@@ -243,6 +243,7 @@ def merge_outputs(folders: list[Path], out: Path) -> MergeSummary:
         target.start([])  # no row of an earlier merge may describe a mask copied over it
         for o in outputs:
             summary.masks_copied += _copy_masks(o, target)
+        target.sync()  # every mask durable before the rows that describe them
         summary.metrics = compute_metrics(rows)
         target.finish(rows, summary.metrics)
         summary.ok = sum(r.ok for r in rows)

@@ -100,6 +100,18 @@ def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path: Path, monkeypatch
     assert synced == [str(tmp_path / "journal"), str(tmp_path)]
 
 
+def test_each_batch_of_masks_is_synced_before_its_rows_are_journalled(
+    small_study: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    sync, append = runfolder.sync_filesystem, runfolder.append_bytes
+    monkeypatch.setattr(runfolder, "sync_filesystem", lambda folder: (events.append("sync"), sync(folder))[1])
+    monkeypatch.setattr(runfolder, "append_bytes",
+                        lambda *a, **k: (events.append("journal"), append(*a, **k))[1])
+    assert invoke(small_study, "--out", tmp_path / "out", "--weights", tiny_weights, "-b", "3", "-j", "0").exit_code == 0
+    assert events == ["sync", "journal"] * 3
+
+
 # ------------------------------------------------------------------------------------------- ownership
 
 
