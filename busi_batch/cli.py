@@ -43,21 +43,18 @@ def _exit_codes(prefix: str = "", usage_exit: int = EXIT_USAGE) -> Iterator[None
     """Our own errors become one line on stderr and their exit code; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except UsageError as err:
-        typer.echo(f"error: {prefix}{err}", err=True)
-        raise typer.Exit(usage_exit) from err
-    except RunInterrupted as err:
-        typer.echo(f"interrupted: {err}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from err
-    except OutputFolderRefused as err:
-        typer.echo(f"refused: {prefix}{err}", err=True)
-        raise typer.Exit(EXIT_REFUSED) from err
-    except EmptyStudy as err:
-        typer.echo(f"error: {prefix}{err}", err=True)
-        raise typer.Exit(EXIT_EMPTY_STUDY) from err
     except BusiBatchError as err:
-        typer.echo(f"error: {prefix}{err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
+        label, code = "error", EXIT_FATAL
+        for kind, kind_label, kind_code in (
+            (UsageError, "error", usage_exit), (RunInterrupted, "interrupted", EXIT_INTERRUPTED),
+            (OutputFolderRefused, "refused", EXIT_REFUSED), (EmptyStudy, "error", EXIT_EMPTY_STUDY),
+        ):
+            if isinstance(err, kind):
+                label, code = kind_label, kind_code
+                break
+        where = "" if isinstance(err, RunInterrupted) else prefix
+        typer.echo(f"{label}: {where}{err}", err=True)
+        raise typer.Exit(code) from err
 
 
 def _configure_logging(quiet: bool) -> None:

@@ -413,7 +413,7 @@ def sync_filesystem(folder: Path) -> None:
     One call commits a whole batch of files written with ``durable=False``: their data, their names and folders.
     OSError on failure.
     """
-    libc = _libc()
+    libc = linux_libc()
     if libc is None or not hasattr(libc, "syncfs"):
         os.sync()
         return
@@ -426,7 +426,8 @@ def sync_filesystem(folder: Path) -> None:
         os.close(fd)
 
 
-def _libc() -> ctypes.CDLL | None:
+def linux_libc() -> ctypes.CDLL | None:
+    """The C library's symbols of this process on Linux (``syncfs``, ``prctl``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:

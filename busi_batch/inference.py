@@ -35,7 +35,7 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from .discover import ImageItem
 from .errors import ImageDecodeError, UsageError
-from .imageio import decode_input, load_truth_mask, read_bytes
+from .imageio import decode_input, linux_libc, load_truth_mask, read_bytes
 from .model import FORWARD_PRECISIONS, LoadedModel
 from .preprocess import model_input
 
@@ -324,20 +324,11 @@ def die_with_parent(parent: int) -> None:
     already gone (it died between the fork and this call), the process leaves at once. Elsewhere than on Linux,
     nothing happens (the watchdog stays the only guard).
     """
-    libc = _libc()
+    libc = linux_libc()
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
-
-
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def _init_worker(worker_id: int, parent: int | None = None) -> None:
