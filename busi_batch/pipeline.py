@@ -25,7 +25,8 @@ Rows of images that are no longer in the study (or the shard) are dropped with t
 DICOM input (``dicom``): discovery reads each object's header; a row's pixel size comes from that header's
 calibration and the lesion mask (``dicom.resolve_pixel_size``), ``--pixel-size`` only for inputs without any;
 the identifier columns come from the header too. Under ``--anonymize`` the patient columns stay empty, items are
-named by pseudonym (discovery), and row errors, log lines and ``run.json`` pass through the study's scrubber.
+named by pseudonym (discovery), and row errors, log lines and the texts and paths of ``run.json`` pass through the
+study's scrubber.
 
 SIGTERM / SIGINT set a flag; the loop finishes the batch in hand, writes everything, and raises
 ``RunInterrupted``. The DataLoader's decoding workers are started with both signals blocked, so a signal sent
@@ -408,10 +409,11 @@ def run(config: RunConfig) -> RunSummary:
 
         def record(status: str, error: str = "", timings: dict[str, float] | None = None) -> None:
             summary.seconds = time.time() - started
-            folder.write_record(_provenance(
+            provenance = _provenance(
                 config, study, loaded, device, summary, start_iso, status, error, settings,
                 timings or {"discover_s": t_discover, "total_s": summary.seconds},
-            ), scrub=(lambda data: _scrubbed(study, data)) if study.anonymized else None)
+            )
+            folder.write_record(provenance.scrubbed(study.scrub) if study.anonymized else provenance)
 
         record(STATUS_RUNNING)  # from here on, a folder left by a killed run says so
         folder.start([kept[i.name] for i in items if i.name in kept])
@@ -576,20 +578,6 @@ def _scrub_row(study: Study, row: ImageResult) -> ImageResult:
     if study.anonymized:
         row.error, row.truth_error = study.scrub(row.error), study.scrub(row.truth_error)
     return row
-
-
-def _scrubbed(study: Study, value: Any) -> Any:
-    """Every string in a JSON-ready structure passed through the study's scrubber (paths in ``run.json`` often
-    name the patient's folder); unchanged when the run is not anonymised."""
-    if not study.anonymized:
-        return value
-    if isinstance(value, str):
-        return study.scrub(value)
-    if isinstance(value, dict):
-        return {k: _scrubbed(study, v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrubbed(study, v) for v in value]
-    return value
 
 
 def _provenance(

@@ -36,7 +36,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,19 @@ class RunRecord:
     def option(self, name: str, default: Any = None) -> Any:
         value = self.options.get(name)
         return default if value is None else value
+
+    def scrubbed(self, scrub: Callable[[str], str]) -> "RunRecord":
+        """The record with every free text and path passed through ``scrub`` (``--anonymize``: folder names often
+        name the patient). Status, model hash, settings and counts are left as they are: they are no identifiers,
+        and the next run and merge must read them back."""
+        return replace(
+            self,
+            input=scrub(self.input), output=scrub(self.output), error=scrub(self.error),
+            options={k: scrub(v) if isinstance(v, str) else v for k, v in self.options.items()},
+            model=replace(self.model, weights=scrub(self.model.weights)),
+            passed_over=tuple((scrub(p), scrub(r)) for p, r in self.passed_over),
+            host=scrub(self.host),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object, keys in the order people read them."""
@@ -526,10 +539,9 @@ class RunFolder:
             raise OutputWriteError(f"{self.temp_dir}: cannot create: {err.strerror or err}") from err
         return remove_temp_files(self.temp_dir)
 
-    def write_record(self, record: RunRecord, scrub: Callable[[Any], Any] | None = None) -> None:
-        """The one writer of ``run.json``; ``scrub`` (``--anonymize``) passes every string of it through."""
-        data = record.to_json()
-        write_json(self.out / RUN_JSON, scrub(data) if scrub else data, temp_dir=self.temp_dir)
+    def write_record(self, record: RunRecord) -> None:
+        """The one writer of ``run.json``."""
+        write_json(self.out / RUN_JSON, record.to_json(), temp_dir=self.temp_dir)
 
     def write_rows(self, rows: list[ImageResult]) -> None:
         write_results_csv(self.out / CSV_NAME, rows, temp_dir=self.temp_dir)
