@@ -104,6 +104,14 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def resume_group(pgid: int) -> None:
+    """SIGCONT to a process group frozen with SIGSTOP, if anything of it is left."""
+    try:
+        os.killpg(pgid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
 def assert_no_orphans(pgid: int, within: float) -> None:
     """Every process of the run's group (main process, DataLoader workers) is gone within ``within`` s."""
     assert wait_for(lambda: not group_members(pgid), timeout=within), f"left behind: {group_members(pgid)}"
@@ -198,7 +206,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as `kill -9 -PGID` or a job scheduler
         else:
             os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer
-            os.killpg(proc.pid, signal.SIGCONT)
+            resume_group(proc.pid)
         proc.wait(timeout=60)
         assert_no_orphans(proc.pid, within=20)  # orphaned decoding workers notice and leave (PyTorch watchdog)
         assert_valid_state(out)
@@ -242,7 +250,7 @@ def test_sigterm_to_process_group_stops_after_the_batch(
     os.killpg(proc.pid, signal.SIGSTOP)  # frozen, so the signal below provably lands mid-run
     assert proc.poll() is None and journal_rows(out) < 37
     os.killpg(proc.pid, sig)
-    os.killpg(proc.pid, signal.SIGCONT)
+    resume_group(proc.pid)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr and "reached a decoding worker" not in stderr

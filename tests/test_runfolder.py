@@ -29,7 +29,9 @@ from busi_batch.records import (
     ImageResult, neutralise_cell, read_journal, read_results_csv, restore_cell, results_to_csv, write_results_csv,
 )
 from conftest import make_tiny_checkpoint, tree_digest
-from test_faults import assert_no_orphans, group_members, journal_rows, make_study, start_run, wait_for
+from test_faults import (
+    assert_no_orphans, group_members, journal_rows, make_study, resume_group, start_run, wait_for,
+)
 
 runner = CliRunner()
 
@@ -351,7 +353,7 @@ def test_rerun_the_moment_after_a_sigkill_of_the_main_process_proceeds(
     assert workers and journal_rows(out) < 40
     os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer does
     proc.wait(timeout=30)
-    os.killpg(proc.pid, signal.SIGCONT)
+    resume_group(proc.pid)
     rerun = invoke(study, "--out", out, "--weights", tiny_weights, "-b", "4", "-j", "0")
     assert rerun.exit_code == 0, rerun.output
     assert_no_orphans(proc.pid, within=2)  # the workers died with their parent, not seconds later
