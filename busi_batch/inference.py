@@ -322,7 +322,9 @@ def die_with_parent(parent: int) -> None:
     A decoding worker must not outlive its run, however the run ended: without this, the workers of a main process
     killed by SIGKILL or the OOM killer lived on until PyTorch's watchdog noticed, seconds later. If the parent is
     already gone (it died between the fork and this call), the process leaves at once. Elsewhere than on Linux,
-    nothing happens (the watchdog stays the only guard).
+    nothing happens (the watchdog stays the only guard). Linux sends the signal when the *thread* that forked the
+    worker ends, so :func:`predict` with workers must be iterated by a thread that lives as long as the run (the
+    pipeline's main thread; the demo uses no workers).
     """
     libc = linux_libc()
     if libc is not None:

@@ -135,6 +135,15 @@ def test_a_folder_busi_batch_did_not_make_is_refused_untouched(
         assert tree_digest(project) == before
 
 
+def test_merge_into_a_folder_busi_batch_did_not_make_is_refused(done: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "predictions.csv").write_text("mine\n")
+    result = runner.invoke(app, ["merge", str(done), "--out", str(project)])
+    assert result.exit_code == 5 and "not a busi-batch output folder" in result.output
+    assert (project / "predictions.csv").read_text() == "mine\n" and sorted(os.listdir(project)) == ["predictions.csv"]
+
+
 def test_an_empty_folder_is_taken(small_study: Path, tiny_weights: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert invoke(small_study, "--out", tmp_path / "empty", "--weights", tiny_weights, "-j", "0").exit_code == 0
