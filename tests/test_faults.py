@@ -381,16 +381,16 @@ def test_full_disk_mid_run_is_fatal_clear_and_leaves_valid_files(
 
         monkeypatch.setattr(os, "replace", full_disk)
     else:  # the journal append fails on the 3rd batch (masks and CSV still fit)
-        append = pipeline.append_bytes
+        append = runfolder.append_bytes
 
-        def journal_full(path, data):
+        def journal_full(path, data, **kwargs):
             calls["n"] += 1
             if calls["n"] == 3:
                 os.write(os.open(path, os.O_WRONLY | os.O_APPEND), data[:10])  # a torn line, as a full disk leaves
                 raise pipeline.OutputWriteError(f"{path}: cannot write: No space left on device")
-            return append(path, data)
+            return append(path, data, **kwargs)
 
-        monkeypatch.setattr(pipeline, "append_bytes", journal_full)
+        monkeypatch.setattr(runfolder, "append_bytes", journal_full)
     result = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "2", "-j", "0")
     assert result.exit_code == 1, result.output
     last = result.output.strip().splitlines()[-1]  # the CLI's one-line verdict
