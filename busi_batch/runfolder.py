@@ -2,7 +2,8 @@
 
 A run folder holds ``predictions.csv``, ``run.json``, ``metrics.json`` (with ground truth), ``masks/``, and
 busi-batch's own state: the lock file ``.busi-batch.lock``, the journal ``.predictions.journal`` of an unfinished
-run, and the folder ``.busi-batch/`` (its temporary files, ``.busi-batch/tmp/``).
+run, and the folder ``.busi-batch/`` (its temporary files, ``.busi-batch/tmp/``); ``busi-batch report`` adds the
+pictures of a report in ``report_assets/``.
 
 Ownership: busi-batch writes only into a new or empty folder, or into a folder it recognises as its own (a
 ``run.json`` it wrote, its state folder, or its lock file). Any other non-empty folder is refused
@@ -59,8 +60,6 @@ JOURNAL_NAME = ".predictions.journal"
 MASKS_DIR = "masks"
 STATE_DIR = ".busi-batch"
 TEMP_DIR = f"{STATE_DIR}/tmp"
-#: Every name busi-batch may write at the top of its output folder; anything else there is left alone.
-OWN_NAMES = frozenset({CSV_NAME, RUN_JSON, METRICS_JSON, LOCK_NAME, JOURNAL_NAME, MASKS_DIR, STATE_DIR})
 TOOL = "busi-batch"
 #: Longest file name most file systems take (bytes); longer mask names are shortened with a hash.
 NAME_MAX = 255
