@@ -7,8 +7,8 @@ of the process) leaves behind is valid:
 * each mask file is written whole or not at all (temporary file + fsync + rename); stray temporaries from a
   killed write are deleted by the next run;
 * every row the folder holds describes the mask beside it (``runfolder.RunFolder.start``);
-* each finished batch's rows are appended to ``.predictions.journal`` (JSON lines; a torn last line is
-  skipped), and ``predictions.csv`` is rewritten whole every 30 seconds and at the end; the next run reads the
+* finished batches are committed at least every ``COMMIT_EVERY_SECONDS``: their masks made durable, then their rows
+  appended to ``.predictions.journal`` (JSON lines; a torn last line is skipped), and ``predictions.csv`` is rewritten whole every 30 seconds and at the end; the next run reads the
   CSV, then the journal on top of it, and only does what is missing;
 * ``run.json`` says ``"status": "running"`` from the start of the inference, and ``complete``, ``interrupted``
   or ``failed`` at the end, so a folder left by a killed run is recognisable (``merge`` refuses it).
@@ -80,6 +80,8 @@ log = logging.getLogger("busi_batch")
 #: ``predictions.csv`` is rewritten whole this often during a run (for whoever reads it meanwhile); the journal,
 #: not the CSV, is what makes each finished batch survive a kill, so this costs O(n) per 30 s, not per batch.
 FLUSH_EVERY_SECONDS = 30.0
+#: Batches written meanwhile are made durable together this often (one ``syncfs``); a kill loses at most this much.
+COMMIT_EVERY_SECONDS = 5.0
 #: How often freed heap memory goes back to the system during inference (see inference.release_free_memory).
 TRIM_EVERY_SECONDS = 5.0
 #: OS errors on one mask file that are about that file's name, not the output folder: a row error, not fatal.
@@ -492,15 +494,30 @@ def _infer_and_write(
 ) -> bool:
     """Run the network over ``todo`` batch by batch, writing masks and rows; True if a signal stopped it.
 
-    Each batch is committed whole: its masks, then (durably) its folders and its journal lines. The stop flag is
-    looked at before the first batch and after each commit: "stops after the current batch" exactly, whatever
-    the moment the signal came. ``workers``: decoding processes (default: ``config.workers``).
+    Batches are committed whole (``RunFolder.commit_rows``: masks made durable, then the rows journalled): the
+    first at once, then the batches written meanwhile every ``COMMIT_EVERY_SECONDS`` (a ``syncfs`` cost 50-770 ms
+    here, more on a busy disk), and at the end, at a stop and before each rewrite of the CSV. A row counts as done
+    (``results``) only once committed: a kill or a fatal error loses at most the uncommitted batches, whose masks
+    the next run rewrites. The stop flag is looked at before the first batch and after each batch: "stops after
+    the current batch" exactly, whatever the moment the signal came. ``workers``: decoding processes (default:
+    ``config.workers``).
     """
     if stop.requested:
         return True
     if not todo:
         return False
     last_flush = last_trim = time.time()
+    last_commit = 0.0  # the first batch is committed at once, then at most every COMMIT_EVERY_SECONDS
+    pending: list[ImageResult] = []
+
+    def commit() -> None:
+        """Masks written so far made durable, then their rows journalled and counted as done."""
+        if pending:
+            folder.commit_rows(pending)
+            for row in pending:
+                results[row.image] = row
+            pending.clear()
+
     progress = tqdm(total=len(todo), unit="img", disable=not config.progress, leave=False, dynamic_ncols=True)
     predictions = predict(loaded, todo, batch_size=config.batch_size,
                           workers=config.workers if workers is None else workers, tta=config.tta, with_truth=False)
@@ -513,11 +530,13 @@ def _infer_and_write(
             for batch in _batches(stream, config.batch_size):
                 rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, folder, config, study)
                         for pred in batch]
-                folder.commit_rows(rows)
-                for row in rows:
-                    results[row.image] = row
+                pending += rows
                 progress.update(len(rows))
-                if time.time() - last_flush > FLUSH_EVERY_SECONDS:
+                flush = time.time() - last_flush > FLUSH_EVERY_SECONDS
+                if flush or stop.requested or time.time() - last_commit >= COMMIT_EVERY_SECONDS:
+                    commit()
+                    last_commit = time.time()
+                if flush:
                     folder.write_rows(sorted(results.values(), key=lambda r: r.image))
                     last_flush = time.time()
                 if time.time() - last_trim > TRIM_EVERY_SECONDS:
@@ -525,6 +544,7 @@ def _infer_and_write(
                     last_trim = time.time()
                 if stop.requested:
                     return True
+            commit()
         return False
     except RuntimeError as err:
         if "DataLoader worker" not in str(err):
