@@ -348,7 +348,8 @@ def _release_in_child() -> None:
 
     An ``flock`` belongs to the open file description, which a fork shares: a worker that outlived a killed main
     process would hold the folder's lock, and an immediate rerun would be refused. ``dup2`` of /dev/null over the
-    descriptor drops the child's reference without freeing the number for reuse behind Python's back.
+    descriptor drops the child's reference without freeing the number for reuse behind Python's back. (It runs
+    as the child starts; a decoding worker also dies with its parent, ``inference.die_with_parent``.)
     """
     if not _held_locks:
         return

@@ -337,11 +337,14 @@ def test_the_limit_follows_cpus_and_available_memory(monkeypatch: pytest.MonkeyP
 
 def test_a_forked_child_does_not_hold_the_output_lock(tmp_path: Path) -> None:
     """Before: an flock is shared across fork, so a worker that outlived its run kept the folder locked."""
+    ready_r, ready_w = os.pipe()
     with runfolder.output_lock(tmp_path):
         child = os.fork()
-        if child == 0:  # pragma: no cover - the child only waits to be killed
+        if child == 0:  # pragma: no cover - the child only says it runs, then waits to be killed
+            os.write(ready_w, b"r")  # after os.fork returned here, so after the fork hooks ran in this child
             time.sleep(60)
             os._exit(0)
+        assert os.read(ready_r, 1) == b"r"  # the child is alive (and would hold the lock without the hook)
     try:
         with open(tmp_path / runfolder.LOCK_NAME) as fh:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raised BlockingIOError while the child lived
