@@ -22,11 +22,9 @@ file is written atomically.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +35,8 @@ from .imageio import read_bytes
 from .pipeline import compute_metrics
 from .records import ImageResult, printable, read_results_csv
 from .runfolder import (
-    CSV_NAME, JOURNAL_NAME, LOCK_NAME, RUN_JSON, STATUS_COMPLETE, RunCounts, RunFolder, RunRecord, claim, now_iso,
-    output_lock, read_run_record,
+    CSV_NAME, JOURNAL_NAME, RUN_JSON, STATUS_COMPLETE, RunCounts, RunFolder, RunRecord, claim, now_iso,
+    output_lock, read_run_record, shared_lock,
 )
 from .shard import Shard, missing_shards
 
@@ -90,31 +88,6 @@ class MergeSummary:
             f"busi-batch merge: {self.folders} folders, {self.found} images, {self.ok} ok, {self.errors} errors "
             f"({self.masks_copied} masks copied) in {self.seconds:.1f} s -> {self.out}"
         )
-
-
-@contextmanager
-def _shared_lock(folder: Path) -> Iterator[None]:
-    """A shared ``flock`` on a run folder's lock file, read-only: a run in progress (exclusive) refuses it.
-
-    Read-only, so shard folders on a read-only mount merge too; a folder without a lock file was never locked.
-    """
-    path = folder / LOCK_NAME
-    try:
-        fh = open(path, "r")
-    except FileNotFoundError:
-        yield
-        return
-    except OSError as err:
-        raise MergeError(f"{path}: cannot open: {err.strerror or err}") from err
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = " ".join(fh.read().split()) or "another process"
-            raise MergeError(f"{folder}: a busi-batch run is still using this folder ({owner})") from None
-        yield
-    finally:
-        fh.close()
 
 
 def read_shard_output(folder: Path) -> ShardOutput:
@@ -233,7 +206,7 @@ def merge_outputs(folders: list[Path], out: Path) -> MergeSummary:
         for folder in folders:
             if not folder.is_dir():
                 raise UsageError(f"{folder}: no such output folder")
-            stack.enter_context(_shared_lock(folder))  # a shard still running holds its lock: refused
+            stack.enter_context(shared_lock(folder))  # a shard still running holds its lock: refused
         stack.enter_context(output_lock(out))
         outputs = [read_shard_output(f) for f in folders]
         check_compatible(outputs)

@@ -383,15 +383,12 @@ def output_lock(out: Path) -> Iterator[None]:
     except OSError as err:
         raise BusiBatchError(f"{path}: cannot create the lock file: {err.strerror or err}") from err
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = " ".join(fh.read().split()) or "another process"
+        owner = _try_flock(fh, fcntl.LOCK_EX)
+        if owner is not None:
             raise BusiBatchError(
                 f"{out}: another busi-batch run is using this output folder ({owner}); "
                 "wait for it to finish, or use another --out"
-            ) from None
+            )
         _held_locks.add(fh.fileno())
         fh.seek(0)
         fh.truncate()
@@ -400,6 +397,39 @@ def output_lock(out: Path) -> Iterator[None]:
         yield
     finally:
         _held_locks.discard(fh.fileno())
+        fh.close()
+
+
+def _try_flock(fh: Any, mode: int) -> str | None:
+    """Take ``mode`` (``LOCK_EX`` / ``LOCK_SH``) on the lock file without waiting: None, or the holder's line."""
+    try:
+        fcntl.flock(fh, mode | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        fh.seek(0)
+        return " ".join(fh.read().split()) or "another process"
+
+
+@contextmanager
+def shared_lock(folder: Path) -> Iterator[None]:
+    """A shared ``flock`` on a run folder's lock file, read-only: a run in progress (exclusive) refuses it.
+
+    Read-only, so folders on a read-only mount can be read under it; a folder without a lock file was never locked.
+    """
+    path = folder / LOCK_NAME
+    try:
+        fh = open(path, "r")
+    except FileNotFoundError:
+        yield
+        return
+    except OSError as err:
+        raise BusiBatchError(f"{path}: cannot open: {err.strerror or err}") from err
+    try:
+        owner = _try_flock(fh, fcntl.LOCK_SH)
+        if owner is not None:
+            raise BusiBatchError(f"{folder}: a busi-batch run is still using this folder ({owner})")
+        yield
+    finally:
         fh.close()
 
 

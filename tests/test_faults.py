@@ -104,6 +104,20 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def signal_at_mask(monkeypatch: pytest.MonkeyPatch, n: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to this process while the ``n``-th mask of an in-process run is encoded: mid-batch, exactly."""
+    written = []
+    encode = pipeline.encode_mask_png
+
+    def encode_and_signal(mask):
+        written.append(1)
+        if len(written) == n:
+            os.kill(os.getpid(), sig)
+        return encode(mask)
+
+    monkeypatch.setattr(pipeline, "encode_mask_png", encode_and_signal)
+
+
 def resume_group(pgid: int) -> None:
     """SIGCONT to a process group frozen with SIGSTOP, if anything of it is left."""
     try:
@@ -276,16 +290,7 @@ def test_signal_mid_batch_finishes_exactly_that_batch(
 ) -> None:
     """The signal lands while the 5th mask is written (2nd batch of 3): exactly 6 images are done and saved."""
     out = tmp_path / "out"
-    written = []
-    encode = pipeline.encode_mask_png
-
-    def encode_and_signal(mask):
-        written.append(1)
-        if len(written) == 5:
-            os.kill(os.getpid(), sig)
-        return encode(mask)
-
-    monkeypatch.setattr(pipeline, "encode_mask_png", encode_and_signal)
+    signal_at_mask(monkeypatch, 5, sig)
     result = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "3", "-j", "0")
     assert result.exit_code == 4, result.output
     assert f"stopped by {sig.name} after 6 images" in result.output
@@ -302,18 +307,9 @@ def test_resume_at_batch_size_one_is_bit_identical(
     reference = tmp_path / "reference"
     assert invoke(fault_study, "--out", reference, "--weights", tiny_weights, "-b", "1", "-j", "0").exit_code == 3
     out = tmp_path / "out"
-    written = []
-    encode = pipeline.encode_mask_png
-
-    def encode_and_signal(mask):
-        written.append(1)
-        if len(written) == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return encode(mask)
-
-    monkeypatch.setattr(pipeline, "encode_mask_png", encode_and_signal)
+    signal_at_mask(monkeypatch, 10, signal.SIGTERM)
     assert invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "1", "-j", "0").exit_code == 4
-    monkeypatch.setattr(pipeline, "encode_mask_png", encode)
+    monkeypatch.undo()
     resumed = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "1", "-j", "0")
     assert resumed.exit_code == 3 and "10 unchanged" in resumed.output
     got, want = read_results_csv(out / pipeline.CSV_NAME), read_results_csv(reference / pipeline.CSV_NAME)
