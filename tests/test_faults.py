@@ -376,12 +376,12 @@ def test_full_disk_mid_run_is_fatal_clear_and_leaves_valid_files(
             return replace(src, dst)
 
         monkeypatch.setattr(os, "replace", full_disk)
-    else:  # the journal append fails on the 3rd batch (masks and CSV still fit)
+    else:  # the journal append fails at the 2nd commit (masks and CSV still fit); the 1st is the first batch alone
         append = runfolder.append_bytes
 
         def journal_full(path, data, **kwargs):
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 2:  # a run commits at least twice: the first batch at once, the rest by the end
                 os.write(os.open(path, os.O_WRONLY | os.O_APPEND), data[:10])  # a torn line, as a full disk leaves
                 raise pipeline.OutputWriteError(f"{path}: cannot write: No space left on device")
             return append(path, data, **kwargs)
