@@ -2,7 +2,9 @@
 
 Exit codes: 0 every image ok; 3 finished, but some files failed (see predictions.csv); 2 usage error;
 1 fatal error (model cannot be loaded, output not writable, another run holds the output folder);
-4 interrupted by SIGTERM / Ctrl-C after saving what was done (run again to resume).
+4 interrupted by SIGTERM / Ctrl-C after saving what was done (run again to resume); 5 output folder refused
+(not busi-batch's, or it holds results of another study, model or settings: nothing was written); 6 empty study
+(no supported image found).
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import BusiBatchError, RunInterrupted, UsageError
+from .errors import BusiBatchError, EmptyStudy, OutputFolderRefused, RunInterrupted, UsageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+EXIT_REFUSED, EXIT_EMPTY_STUDY = 5, 6
+EXIT_CODES_TEXT = (
+    "Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal error, 4 interrupted, "
+    "5 output folder refused, 6 empty study."
+)
 PRECISION_HELP = "Forward pass: auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16."
 
 app = typer.Typer(
@@ -27,7 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Batch lesion segmentation and classification of breast ultrasound images. "
     "A research tool, not a diagnostic device.",
-    epilog="Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal error, 4 interrupted.",
+    epilog=EXIT_CODES_TEXT,
 )
 
 
@@ -36,15 +43,18 @@ def _exit_codes(prefix: str = "", usage_exit: int = EXIT_USAGE) -> Iterator[None
     """Our own errors become one line on stderr and their exit code; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except UsageError as err:
-        typer.echo(f"error: {prefix}{err}", err=True)
-        raise typer.Exit(usage_exit) from err
-    except RunInterrupted as err:
-        typer.echo(f"interrupted: {err}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from err
     except BusiBatchError as err:
-        typer.echo(f"error: {prefix}{err}", err=True)
-        raise typer.Exit(EXIT_FATAL) from err
+        label, code = "error", EXIT_FATAL
+        for kind, kind_label, kind_code in (
+            (UsageError, "error", usage_exit), (RunInterrupted, "interrupted", EXIT_INTERRUPTED),
+            (OutputFolderRefused, "refused", EXIT_REFUSED), (EmptyStudy, "error", EXIT_EMPTY_STUDY),
+        ):
+            if isinstance(err, kind):
+                label, code = kind_label, kind_code
+                break
+        where = "" if isinstance(err, RunInterrupted) else prefix
+        typer.echo(f"{label}: {where}{err}", err=True)
+        raise typer.Exit(code) from err
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -91,7 +101,11 @@ def run(
         False, "--anonymize",
         help="No patient name, ID or date in any output: DICOM images named by SOP Instance UID, paths scrubbed.",
     ),
-    force: bool = typer.Option(False, "--force", help="Redo every image, even unchanged ones."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Redo every image, even unchanged ones; replaces the results of another study, model or settings "
+        "in busi-batch's own output folder (never a folder busi-batch did not make).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line (errors still)."),
     shard: Optional[str] = typer.Option(
         None, "--shard", metavar="I/N",
@@ -107,7 +121,11 @@ def run(
 
     Example: busi-batch run ./study --out ./study-results
 
-    Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal, 4 interrupted.
+    The output folder must be new, empty, or busi-batch's own output of the same study with the same model and
+    settings; anything else is refused (exit 5) unless --force replaces the results it holds.
+
+    Exit codes: 0 all ok, 3 finished with per-file errors, 2 usage error, 1 fatal, 4 interrupted,
+    5 output folder refused (nothing written), 6 empty study.
     """
     from .pipeline import RunConfig, run as run_pipeline
     from .report import validate_report_options
@@ -178,7 +196,8 @@ def merge(
 
     Example: busi-batch merge results-1 results-2 results-3 results-4 --out results --report results.pdf
 
-    Exit codes: 0 merged, 3 merged but some images have status=error, 2 usage error, 1 cannot merge.
+    Exit codes: 0 merged, 3 merged but some images have status=error, 2 usage error, 1 cannot merge,
+    5 output folder refused (not empty and not busi-batch's).
     """
     from .merge import merge_outputs
     from .report import validate_report_options

@@ -616,14 +616,18 @@ MIN_SCRUB_LENGTH = 3
 REDACTED = "[removed]"
 
 
+#: Separators a date is written with between its parts (none: 20190417, 17042019).
+_DATE_SEPARATORS = ("", "-", ".", "/", "_", " ")
+
+
 def _date_forms(value: str) -> list[str]:
-    """A DICOM date (YYYYMMDD, or the date part of a DT) and the usual ways it is spelled elsewhere."""
+    """A DICOM date (YYYYMMDD, or the date part of a DT) and the usual ways it is spelled elsewhere: year first,
+    day first or month first, with any of ``_DATE_SEPARATORS`` (2019-04-17, 17.04.2019, 04/17/2019, 17042019...)."""
     digits = value[:8]
     if not re.fullmatch(r"\d{8}", digits):
         return [value] if len(value) >= MIN_SCRUB_LENGTH else []
     y, m, d = digits[:4], digits[4:6], digits[6:]
-    return [digits, f"{y}-{m}-{d}", f"{y}.{m}.{d}", f"{y}/{m}/{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}",
-            f"{m}/{d}/{y}", f"{d}-{m}-{y}"]
+    return [sep.join(parts) for sep in _DATE_SEPARATORS for parts in ((y, m, d), (d, m, y), (m, d, y))]
 
 
 def phi_values(patient: PatientInfo) -> frozenset[str]:
@@ -640,15 +644,18 @@ def phi_values(patient: PatientInfo) -> frozenset[str]:
 
 
 def scrub_text(text: str, values: frozenset[str] | set[str]) -> str:
-    """``text`` with every whole-token occurrence of ``values`` (case-insensitive) replaced by ``[removed]``.
+    """``text`` with every occurrence of ``values``, case-insensitive and wherever it stands (glued to letters or
+    digits too: ``DoeJane_PID73921x``), replaced by ``[removed]``.
 
-    Whole token: not glued to a letter or digit on either side, so a surname "ANN" leaves "annotation" alone
-    while ``DOE_JANE/IM1`` still loses both parts. The longest values are replaced first.
+    One pass, longest values first, so no value is left in what was there: a name in any order of its parts
+    (each part is a value), an ID inside a longer token, a date in any spelling :func:`phi_values` lists. The price:
+    a name part also goes where it is part of an ordinary word (a surname "Ann" out of "annotation"). The only
+    text the result can show that matches a value is the word ``removed`` of the marker itself.
     """
     if not values or not text:
         return text
-    pattern = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
-    return re.sub(rf"(?<![0-9A-Za-z])(?:{pattern})(?![0-9A-Za-z])", REDACTED, text, flags=re.IGNORECASE)
+    pattern = "|".join(re.escape(v) for v in sorted(values, key=lambda v: (-len(v), v)))
+    return re.sub(pattern, REDACTED, text, flags=re.IGNORECASE)
 
 
 @dataclass

@@ -16,6 +16,17 @@ class RunInterrupted(BusiBatchError):
     """SIGTERM or Ctrl-C: the run stopped after the current batch and saved what was done (exit code 4)."""
 
 
+class OutputFolderRefused(BusiBatchError):
+    """The output folder is not busi-batch's to write into, or holds results this run would replace (exit code 5).
+
+    Nothing has been written into the folder.
+    """
+
+
+class EmptyStudy(BusiBatchError):
+    """The study holds no image busi-batch can read (none at all, or only unsupported files) (exit code 6)."""
+
+
 class ModelLoadError(BusiBatchError):
     """A checkpoint or its model card is missing, tampered with or incompatible."""
 

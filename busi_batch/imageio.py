@@ -19,11 +19,14 @@ folder and are renamed into place, so a killed run never leaves a half-written f
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import os
 import re
 import stat
 import struct
+import sys
 import tempfile
 import warnings
 import zlib
@@ -342,22 +345,28 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
-#: Prefix of the temporary files behind atomic writes; only a killed process can leave one behind.
-TEMP_PREFIX = ".tmp-"
+#: Prefix of the temporary files behind atomic writes: a name only busi-batch makes, so that clean-up can never
+#: take a file of someone else's. Only a killed process can leave one behind.
+TEMP_PREFIX = ".busi-batch-tmp-"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+def atomic_write_bytes(path: Path, data: bytes, temp_dir: Path | None = None, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``; with ``durable``, durable when it returns.
 
-    Readers see the old file or the new one, never a partial one. On any failure, including an exception that
-    interrupts the write (KeyboardInterrupt, or a DataLoader's SIGCHLD handler raising), the temporary file is
-    removed; an OS failure becomes OutputWriteError naming the file and the reason (for example a full disk).
-    Only SIGKILL can leave a ``.tmp-*`` file behind, and :func:`remove_temp_files` clears those.
+    The temporary file is made in ``temp_dir`` (default: ``path``'s folder), which must be on the same file system.
+    Readers see the old file or the new one, never a partial one. ``durable``: the file's data is fsynced before
+    the rename and its folder after it (without both, a power cut can lose a write that had returned). A caller
+    committing many files at once passes False and calls :func:`sync_filesystem` once for all of them, and
+    must not count them as done before that returns (one fsync per file cost about 50 ms here).
+    On any failure, including an exception that interrupts the write (KeyboardInterrupt, or a DataLoader's SIGCHLD
+    handler raising), the temporary file is removed; an OS failure becomes OutputWriteError naming the file and
+    the reason (for example a full disk). Only SIGKILL can leave a temporary file behind, and
+    :func:`remove_temp_files` clears those.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
+        fd, tmp = tempfile.mkstemp(dir=temp_dir or path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
     except OSError as err:
         raise OutputWriteError(f"{path}: cannot write: {err.strerror or err}") from err
     done = False
@@ -366,8 +375,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
         done = True
+        if durable:
+            fsync_dir(path.parent)
     except OSError as err:
         raise OutputWriteError(f"{path}: cannot write: {err.strerror or err}") from err
     finally:
@@ -378,38 +392,94 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 pass
 
 
-def append_bytes(path: Path, data: bytes) -> None:
-    """Append ``data`` to ``path`` in one ``write`` (O_APPEND); OutputWriteError names the file and the reason.
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of ``folder`` (renames, new and removed files) durable; OSError on failure.
+
+    A file system that cannot fsync a folder (EINVAL: some network and FUSE ones) is left as it is.
+    """
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(folder: Path) -> None:
+    """Make every write to the file system holding ``folder`` durable (Linux ``syncfs``; elsewhere ``sync``).
+
+    One call commits a whole batch of files written with ``durable=False``: their data, their names and folders.
+    OSError on failure.
+    """
+    libc = linux_libc()
+    if libc is None or not hasattr(libc, "syncfs"):
+        os.sync()
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(folder))
+    finally:
+        os.close(fd)
+
+
+def linux_libc() -> ctypes.CDLL | None:
+    """The C library's symbols of this process on Linux (``syncfs``, ``prctl``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def append_bytes(path: Path, data: bytes, sync: bool = True) -> None:
+    """Append ``data`` to ``path`` in one ``write`` (O_APPEND); with ``sync``, fsync it (and its folder when it is
+    new). OutputWriteError names the file and the reason.
 
     For journals: a process killed during the call leaves at most a torn last line, which readers skip.
     """
     try:
+        new = not os.path.exists(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
+        if sync and new:
+            fsync_dir(Path(path).parent)
     except OSError as err:
         raise OutputWriteError(f"{path}: cannot write: {err.strerror or err}") from err
 
 
 def remove_temp_files(folder: Path) -> int:
-    """Delete ``.tmp-*`` files that a killed writer left under ``folder``; returns how many."""
+    """Delete the temporary files (``TEMP_PREFIX``) a killed writer left directly in ``folder``; returns how many.
+
+    Only ``folder`` itself is looked at, never its subfolders: the caller names the one folder its temporaries go to.
+    """
     removed = 0
-    for dirpath, _dirnames, filenames in os.walk(folder):
-        for name in filenames:
-            if name.startswith(TEMP_PREFIX):
-                try:
-                    os.unlink(os.path.join(dirpath, name))
-                    removed += 1
-                except OSError:
-                    pass
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
     return removed
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, temp_dir: Path | None = None) -> None:
     """UTF-8 text; file names that were not valid UTF-8 keep their original bytes (surrogateescape)."""
-    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
+    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"), temp_dir=temp_dir)

@@ -11,6 +11,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  its exit handler is registered before ours, so ours runs first
 import os
@@ -34,9 +35,11 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from .discover import ImageItem
 from .errors import ImageDecodeError, UsageError
-from .imageio import decode_input, load_truth_mask, read_bytes
+from .imageio import decode_input, linux_libc, load_truth_mask, read_bytes
 from .model import FORWARD_PRECISIONS, LoadedModel
 from .preprocess import model_input
+
+log = logging.getLogger("busi_batch")
 
 
 @dataclass
@@ -311,8 +314,69 @@ def _quiet_handover_errors(
         default(exc_type, exc, tb)
 
 
-def _init_worker(worker_id: int) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process the moment its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A decoding worker must not outlive its run, however the run ended: without this, the workers of a main process
+    killed by SIGKILL or the OOM killer lived on until PyTorch's watchdog noticed, seconds later. If the parent is
+    already gone (it died between the fork and this call), the process leaves at once. Elsewhere than on Linux,
+    nothing happens (the watchdog stays the only guard). Linux sends the signal when the *thread* that forked the
+    worker ends, so :func:`predict` with workers must be iterated by a thread that lives as long as the run (the
+    pipeline's main thread; the demo uses no workers).
+    """
+    libc = linux_libc()
+    if libc is not None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(worker_id: int, parent: int | None = None) -> None:
+    if parent is not None:
+        die_with_parent(parent)
     sys.excepthook = functools.partial(_quiet_handover_errors, sys.excepthook)
+
+
+#: What one decoding worker may take (its share of prefetched batches, decoded images, and its own heap).
+WORKER_MEMORY_BYTES = 512 << 20
+#: Workers per CPU beyond which more only queue up for the same cores.
+WORKERS_PER_CPU = 4
+
+
+def max_workers() -> int:
+    """The most decoding workers this machine can hold: by CPUs and by the memory available now."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = WORKERS_PER_CPU * cpus
+    available = _available_memory()
+    if available is not None:
+        limit = min(limit, available // WORKER_MEMORY_BYTES)
+    return max(1, int(limit))
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def worker_count(requested: int) -> int:
+    """``--workers`` clamped to :func:`max_workers`, with a warning that says why; a large value would fork until
+    the out-of-memory killer ended the run."""
+    limit = max_workers()
+    if requested > limit:
+        log.warning("--workers %d is more than this machine can hold (at most %d here: %d per CPU, %d MiB of "
+                    "available memory each); using %d", requested, limit, WORKERS_PER_CPU,
+                    WORKER_MEMORY_BYTES >> 20, limit)
+        return limit
+    return requested
 
 
 class DecodingWorkerDied(RuntimeError):
@@ -474,7 +538,7 @@ def predict(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        worker_init_fn=_init_worker if workers else None,
+        worker_init_fn=functools.partial(_init_worker, parent=os.getpid()) if workers else None,
     )
     batches = _decoded_batches(loader)
     with closing(gate) if gate is not None else nullcontext(), closing(batches):

@@ -22,24 +22,22 @@ file is written atomically.
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
-import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import BusiBatchError, ImageDecodeError, UsageError
-from .imageio import atomic_write_bytes, read_bytes, remove_temp_files
-from .pipeline import (
-    CSV_NAME, JOURNAL_NAME, LOCK_NAME, METRICS_JSON, RUN_JSON, STATUS_COMPLETE, compute_metrics, output_lock,
+from .imageio import read_bytes
+from .pipeline import compute_metrics
+from .records import ImageResult, printable, read_results_csv
+from .runfolder import (
+    CSV_NAME, JOURNAL_NAME, RUN_JSON, STATUS_COMPLETE, RunCounts, RunFolder, RunRecord, claim, now_iso,
+    output_lock, read_run_record, shared_lock,
 )
-from .records import ImageResult, printable, read_results_csv, write_json, write_results_csv
 from .shard import Shard, missing_shards
 
 log = logging.getLogger("busi_batch")
@@ -54,13 +52,13 @@ class ShardOutput:
     """One finished output folder, read back."""
 
     folder: Path
-    run: dict[str, Any]
+    run: RunRecord
     rows: list[ImageResult]
     shard: Shard | None
 
     @property
     def model_sha256(self) -> str:
-        return str((self.run.get("model") or {}).get("sha256", ""))
+        return self.run.model.sha256
 
     @property
     def label(self) -> str:
@@ -92,31 +90,6 @@ class MergeSummary:
         )
 
 
-@contextmanager
-def _shared_lock(folder: Path) -> Iterator[None]:
-    """A shared ``flock`` on a run folder's lock file, read-only: a run in progress (exclusive) refuses it.
-
-    Read-only, so shard folders on a read-only mount merge too; a folder without a lock file was never locked.
-    """
-    path = folder / LOCK_NAME
-    try:
-        fh = open(path, "r")
-    except FileNotFoundError:
-        yield
-        return
-    except OSError as err:
-        raise MergeError(f"{path}: cannot open: {err.strerror or err}") from err
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = " ".join(fh.read().split()) or "another process"
-            raise MergeError(f"{folder}: a busi-batch run is still using this folder ({owner})") from None
-        yield
-    finally:
-        fh.close()
-
-
 def read_shard_output(folder: Path) -> ShardOutput:
     """Read a finished output folder; MergeError names the folder and why it is not one."""
     folder = Path(folder)
@@ -127,26 +100,27 @@ def read_shard_output(folder: Path) -> ShardOutput:
         if not path.is_file():
             raise MergeError(f"{path}: missing; is {folder} the output folder of a finished busi-batch run?")
     try:
-        run = json.loads(run_json.read_text(encoding="utf-8"))
+        run = read_run_record(folder)
+    except BusiBatchError as err:
+        raise MergeError(str(err)) from err
+    try:
         rows = read_results_csv(csv_path)
     except (OSError, ValueError, TypeError) as err:
         raise MergeError(f"{folder}: cannot read the run's files: {err}") from err
-    if not isinstance(run, dict) or "model" not in run:
-        raise MergeError(f"{run_json}: not a busi-batch run record")
-    status = run.get("status", STATUS_COMPLETE if not run.get("interrupted") else "interrupted")
+    status = run.status
     if status != STATUS_COMPLETE:
         hint = {"running": "killed, or still running", "interrupted": "stopped by a signal",
-                "failed": str(run.get("error") or "a fatal error")}.get(status, status)
+                "failed": run.error or "a fatal error"}.get(status, status)
         raise MergeError(f"{folder}: the run did not finish (status {status}: {hint}); run it again to finish")
     if (folder / JOURNAL_NAME).exists():
         raise MergeError(f"{folder}: a journal of an unfinished run is left; run it again to finish")
-    found = (run.get("counts") or {}).get("found")
-    if found is not None and int(found) != len(rows):
+    found = run.counts.found
+    if found != len(rows):
         raise MergeError(f"{csv_path}: {len(rows)} rows, but the run found {found} images")
     try:
-        shard = Shard.parse(run["shard"]) if run.get("shard") else None
+        shard = Shard.parse(run.shard) if run.shard else None
     except UsageError as err:
-        raise MergeError(f"{run_json}: bad shard {run.get('shard')!r}") from err
+        raise MergeError(f"{run_json}: bad shard {run.shard!r}") from err
     return ShardOutput(folder=folder, run=run, rows=rows, shard=shard)
 
 
@@ -167,7 +141,7 @@ def check_compatible(outputs: list[ShardOutput]) -> None:
                     f"not {first.model_sha256[:12]}"
                 )
     for option, default in (("frames", "first"), ("anonymize", False)):  # a run.json before DICOM: the defaults
-        used = {str((o.run.get("options") or {}).get(option, default)) for o in outputs}
+        used = {str(o.run.option(option, default)) for o in outputs}
         if len(used) > 1:
             raise MergeError(
                 f"made with different --{option} ({' vs '.join(sorted(used))}); rerun with the same options"
@@ -193,11 +167,11 @@ def check_compatible(outputs: list[ShardOutput]) -> None:
         if missing:
             n = sharded[0].shard.count
             raise MergeError(f"shards missing: {', '.join(f'{i}/{n}' for i in missing)}; merge all {n} shards")
-        totals = {o.run.get("study_images") for o in sharded}
+        totals = {o.run.study_images for o in sharded}
         if len(totals) > 1:
             raise MergeError(
                 "shards saw different studies (images in the whole study: "
-                + ", ".join(f"{o.label}: {o.run.get('study_images')}" for o in sharded)
+                + ", ".join(f"{o.label}: {o.run.study_images}" for o in sharded)
                 + "); run every shard on the same study"
             )
     owner: dict[str, Path] = {}
@@ -226,40 +200,34 @@ def merge_outputs(folders: list[Path], out: Path) -> MergeSummary:
             raise UsageError(f"{out}: the merged folder may not be, or be inside, an input folder ({folder})")
     if len({f.resolve() for f in folders}) != len(folders):
         raise UsageError("the same output folder is given twice")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BusiBatchError(f"{out}: cannot create output folder: {err.strerror or err}") from err
+    claim(out)
+    target = RunFolder(out)
     with ExitStack() as stack:
         for folder in folders:
             if not folder.is_dir():
                 raise UsageError(f"{folder}: no such output folder")
-            stack.enter_context(_shared_lock(folder))  # a shard still running holds its lock: refused
+            stack.enter_context(shared_lock(folder))  # a shard still running holds its lock: refused
         stack.enter_context(output_lock(out))
         outputs = [read_shard_output(f) for f in folders]
         check_compatible(outputs)
-        remove_temp_files(out)
+        target.prepare()
         rows = sorted((r for o in outputs for r in o.rows), key=lambda r: r.image)
         summary = MergeSummary(out=out_r, folders=len(outputs), found=len(rows))
+        target.start([])  # no row of an earlier merge may describe a mask copied over it
         for o in outputs:
-            summary.masks_copied += _copy_masks(o, out)
+            summary.masks_copied += _copy_masks(o, target)
+        target.sync()  # every mask durable before the rows that describe them
         summary.metrics = compute_metrics(rows)
-        write_results_csv(out / CSV_NAME, rows)
-        if summary.metrics is not None:
-            write_json(out / METRICS_JSON, summary.metrics)
-        elif (out / METRICS_JSON).exists():
-            (out / METRICS_JSON).unlink()
-        if (out / JOURNAL_NAME).exists():
-            (out / JOURNAL_NAME).unlink()
+        target.finish(rows, summary.metrics)
         summary.ok = sum(r.ok for r in rows)
         summary.error_rows = [(r.image, r.error) for r in rows if not r.ok]
         summary.errors = len(summary.error_rows)
         summary.seconds = time.time() - started
-        write_json(out / RUN_JSON, merged_provenance(outputs, summary))
+        target.write_record(merged_provenance(outputs, summary))
     return summary
 
 
-def _copy_masks(output: ShardOutput, out: Path) -> int:
+def _copy_masks(output: ShardOutput, target: RunFolder) -> int:
     """Copy the shard's mask files (atomically); an identical file already there is left alone."""
     copied = 0
     for row in output.rows:
@@ -269,70 +237,69 @@ def _copy_masks(output: ShardOutput, out: Path) -> int:
             data = read_bytes(output.folder / row.mask)
         except ImageDecodeError as err:
             raise MergeError(f"{output.folder / row.mask}: mask of {printable(row.image)} unusable: {err}") from err
-        target = out / row.mask
+        path = target.out / row.mask
         try:
-            if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+            if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
                 continue
         except OSError:
             pass
-        atomic_write_bytes(target, data)
+        target.write_mask(row.mask, data)
         copied += 1
     return copied
 
 
-def merged_provenance(outputs: list[ShardOutput], summary: MergeSummary) -> dict[str, Any]:
-    """``run.json`` of the merged folder: the keys a run writes (so the report reads it), plus each shard's."""
+def merged_provenance(outputs: list[ShardOutput], summary: MergeSummary) -> RunRecord:
+    """``run.json`` of the merged folder: what a run records (so the report reads it), plus each shard's."""
     first = outputs[0].run
-    inputs = [str(o.run.get("input", "")) for o in outputs]
+    inputs = [o.run.input for o in outputs]
     passed: dict[str, str] = {}
     for o in outputs:
-        for entry in o.run.get("passed_over") or []:
-            passed.setdefault(entry["path"], entry["reason"])
-    options = dict(first.get("options") or {})
+        for path, reason in o.run.passed_over:
+            passed.setdefault(path, reason)
+    options = dict(first.options)
     options.pop("shard", None)
-    counts = [o.run.get("counts") or {} for o in outputs]
-    return {
-        "tool": "busi-batch",
-        "tool_version": __version__,
-        "status": STATUS_COMPLETE,
-        "error": "",
-        "merged": True,
-        "started": min(str(o.run.get("started", "")) for o in outputs),
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "interrupted": False,
-        "shard": None,
-        "study_images": first.get("study_images"),
-        "input": inputs[0],
-        "inputs": sorted(set(inputs)),
-        "output": str(summary.out),
-        "options": options,
-        "model": first.get("model"),
-        "device": ", ".join(sorted({str(o.run.get("device", "")) for o in outputs})),
-        "platform": first.get("platform"),
-        "counts": {
-            "found": summary.found,
-            "processed": sum(int(c.get("processed", 0)) for c in counts),
-            "skipped_unchanged": sum(int(c.get("skipped_unchanged", 0)) for c in counts),
-            "ok": summary.ok,
-            "error": summary.errors,
-            "removed_since_last_run": sum(int(c.get("removed_since_last_run", 0)) for c in counts),
-            "passed_over": len(passed),
-        },
-        "passed_over": [{"path": p, "reason": r} for p, r in sorted(passed.items())],
-        "timings": {"merge_s": round(summary.seconds, 3),
-                    "total_s": round(sum(float((o.run.get("timings") or {}).get("total_s", 0)) for o in outputs), 3)},
-        "merged_from": [
+    counts = [o.run.counts for o in outputs]
+    return RunRecord(
+        tool_version=__version__,
+        status=STATUS_COMPLETE,
+        merged=True,
+        started=min(o.run.started for o in outputs),
+        finished=now_iso(),
+        shard=None,
+        study_images=first.study_images,
+        input=inputs[0],
+        inputs=tuple(sorted(set(inputs))),
+        output=str(summary.out),
+        options=options,
+        settings=first.settings,
+        model=first.model,
+        device=", ".join(sorted({o.run.device for o in outputs})),
+        precision=first.precision,
+        platform=first.platform,
+        counts=RunCounts(
+            found=summary.found,
+            processed=sum(c.processed for c in counts),
+            skipped_unchanged=sum(c.skipped_unchanged for c in counts),
+            ok=summary.ok,
+            error=summary.errors,
+            removed_since_last_run=sum(c.removed_since_last_run for c in counts),
+            passed_over=len(passed),
+        ),
+        passed_over=tuple(sorted(passed.items())),
+        timings={"merge_s": round(summary.seconds, 3),
+                 "total_s": round(sum(float(o.run.timings.get("total_s", 0)) for o in outputs), 3)},
+        merged_from=tuple(
             {
                 "folder": str(o.folder.resolve()),
                 "shard": str(o.shard) if o.shard else None,
-                "host": o.run.get("host"),
-                "input": o.run.get("input"),
-                "device": o.run.get("device"),
-                "started": o.run.get("started"),
-                "finished": o.run.get("finished"),
-                "tool_version": o.run.get("tool_version"),
-                "counts": o.run.get("counts"),
+                "host": o.run.host,
+                "input": o.run.input,
+                "device": o.run.device,
+                "started": o.run.started,
+                "finished": o.run.finished,
+                "tool_version": o.run.tool_version,
+                "counts": asdict(o.run.counts),
             }
             for o in outputs
-        ],
-    }
+        ),
+    )

@@ -1,15 +1,21 @@
 """The one orchestrator: discover -> infer -> post-process -> write -> evaluate, with resume, locking and shards.
 
-Every write into the output folder happens here (through ``imageio``'s atomic writers), under an exclusive lock
-on the folder. What a run killed at any moment (SIGKILL, power cut of the process) leaves behind is valid:
+Every write into the output folder goes through ``runfolder`` (which owns the folder's format, its ownership
+rules and its lock), under an exclusive lock on the folder. What a run killed at any moment (SIGKILL, power cut
+of the process) leaves behind is valid:
 
-* each mask file is written whole or not at all (temporary file + rename); stray temporaries from a killed
-  write are deleted by the next run;
-* each finished batch's rows are appended to ``.predictions.journal`` (JSON lines; a torn last line is
-  skipped), and ``predictions.csv`` is rewritten whole every 30 seconds and at the end; the next run reads the
+* each mask file is written whole or not at all (temporary file + fsync + rename); stray temporaries from a
+  killed write are deleted by the next run;
+* every row the folder holds describes the mask beside it (``runfolder.RunFolder.start``);
+* finished batches are committed at least every ``COMMIT_EVERY_SECONDS``: their masks made durable, then their rows
+  appended to ``.predictions.journal`` (JSON lines; a torn last line is skipped), and ``predictions.csv`` is rewritten whole every 30 seconds and at the end; the next run reads the
   CSV, then the journal on top of it, and only does what is missing;
 * ``run.json`` says ``"status": "running"`` from the start of the inference, and ``complete``, ``interrupted``
   or ``failed`` at the end, so a folder left by a killed run is recognisable (``merge`` refuses it).
+
+Before anything is written, the folder must be busi-batch's to write into, and a folder holding results of
+another study, model or settings is refused unless ``--force`` (``runfolder.claim``, ``runfolder.check_same_run``).
+A study with no supported image is an error of its own (``EmptyStudy``).
 
 Resume rule: an image is skipped when the previous rows hold an ``ok`` row for it whose ``input_sha256`` (content
 hash, not modification time), ``model_sha256`` and ``settings`` (TTA, mask rules) match, and its mask file exists.
@@ -19,7 +25,8 @@ Rows of images that are no longer in the study (or the shard) are dropped with t
 DICOM input (``dicom``): discovery reads each object's header; a row's pixel size comes from that header's
 calibration and the lesion mask (``dicom.resolve_pixel_size``), ``--pixel-size`` only for inputs without any;
 the identifier columns come from the header too. Under ``--anonymize`` the patient columns stay empty, items are
-named by pseudonym (discovery), and row errors, log lines and ``run.json`` pass through the study's scrubber.
+named by pseudonym (discovery), and row errors, log lines and the texts and paths of ``run.json`` pass through the
+study's scrubber.
 
 SIGTERM / SIGINT set a flag; the loop finishes the batch in hand, writes everything, and raises
 ``RunInterrupted``. The DataLoader's decoding workers are started with both signals blocked, so a signal sent
@@ -30,12 +37,8 @@ normal shutdown. A fatal error mid-run (a full disk) saves what was done, marks 
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
-import fcntl
-import hashlib
 import itertools
-import json
 import logging
 import os
 import platform
@@ -43,7 +46,6 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -57,40 +59,33 @@ from tqdm import tqdm
 
 from . import __version__, metrics
 from .classes import CLASS_NAMES, class_index
-from .dicom import Calibration, PixelSize, frame_name, resolve_pixel_size, split_frame_name
-from .discover import FRAMES_CHOICES, ImageItem, Study, discover, truth_stem
-from .errors import BusiBatchError, ImageDecodeError, OutputWriteError, RunInterrupted, UsageError
-from .imageio import (
-    append_bytes, atomic_write_bytes, decode_image, encode_mask_png, load_truth_mask, read_bytes, remove_temp_files,
-)
-from .inference import Prediction, predict, release_free_memory, select_device, select_precision
+from .dicom import Calibration, PixelSize, resolve_pixel_size
+from .discover import FRAMES_CHOICES, ImageItem, Study, discover
+from .errors import BusiBatchError, EmptyStudy, ImageDecodeError, OutputWriteError, RunInterrupted, UsageError
+from .imageio import decode_image, encode_mask_png, load_truth_mask, read_bytes
+from .inference import Prediction, predict, release_free_memory, select_device, select_precision, worker_count
 from .model import LoadedModel, load_model
 from .postprocess import lesion_area, lesion_count, lesion_mask
-from .records import (
-    STATUS_ERROR, STATUS_OK, ImageResult, as_written, journal_lines, printable, read_journal, read_results_csv,
-    write_json, write_results_csv,
+from .records import STATUS_ERROR, STATUS_OK, ImageResult, as_written, printable
+from .runfolder import (  # noqa: F401  (the folder's names, re-exported for callers that know them from here)
+    CSV_NAME, JOURNAL_NAME, LOCK_NAME, MASKS_DIR, METRICS_JSON, RUN_JSON, STATUS_COMPLETE, STATUS_FAILED,
+    STATUS_INTERRUPTED, STATUS_RUNNING, ModelRecord, RunCounts, RunFolder, RunIdentity, RunRecord,
+    check_same_run, check_shard_matches, claim, mask_relpaths, now_iso, output_lock, plan_work, previous_rows,
+    read_run_record,
 )
 from .shard import Shard
 
 log = logging.getLogger("busi_batch")
 
-CSV_NAME = "predictions.csv"
-RUN_JSON = "run.json"
-METRICS_JSON = "metrics.json"
-LOCK_NAME = ".busi-batch.lock"
-JOURNAL_NAME = ".predictions.journal"
-MASKS_DIR = "masks"
 #: ``predictions.csv`` is rewritten whole this often during a run (for whoever reads it meanwhile); the journal,
 #: not the CSV, is what makes each finished batch survive a kill, so this costs O(n) per 30 s, not per batch.
 FLUSH_EVERY_SECONDS = 30.0
+#: Batches written meanwhile are made durable together this often (one ``syncfs``); a kill loses at most this much.
+COMMIT_EVERY_SECONDS = 5.0
 #: How often freed heap memory goes back to the system during inference (see inference.release_free_memory).
 TRIM_EVERY_SECONDS = 5.0
-#: Longest file name most file systems take (bytes); longer mask names are shortened with a hash.
-NAME_MAX = 255
 #: OS errors on one mask file that are about that file's name, not the output folder: a row error, not fatal.
 _PER_FILE_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
-
-STATUS_RUNNING, STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_FAILED = "running", "complete", "interrupted", "failed"
 
 
 @dataclass(frozen=True)
@@ -183,38 +178,6 @@ def validate_paths(config: RunConfig) -> tuple[Path, Path]:
     return study_r, out_r
 
 
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the output folder; the kernel drops it when a crashed run dies.
-
-    The lock file keeps the holder's pid, host and start time, for the second run's message; a stale text
-    left by a killed run is harmless, because the lock itself went with the process.
-    """
-    path = out / LOCK_NAME
-    try:
-        fh = open(path, "a+")
-    except OSError as err:
-        raise BusiBatchError(f"{path}: cannot create the lock file: {err.strerror or err}") from err
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = " ".join(fh.read().split()) or "another process"
-            raise BusiBatchError(
-                f"{out}: another busi-batch run is using this output folder ({owner}); "
-                "wait for it to finish, or use another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        fh.write(f"pid {os.getpid()} on {platform.node()} since {since}")
-        fh.flush()
-        yield
-    finally:
-        fh.close()
-
-
 class _StopFlag:
     """Set by SIGTERM / SIGINT; the loop stops between batches instead of dying mid-write."""
 
@@ -264,48 +227,6 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def mask_relpaths(items: list[ImageItem]) -> dict[str, str]:
-    """``masks/<name without extension>_mask.png``, keyed by the item's name (the CSV ``image``); if two images
-    differ only by extension, keep it in the name.
-
-    A DICOM frame's mask is ``<file>#<frame>_mask.png`` (a ``#`` is an ordinary character in a file name; report
-    pages link by number, never by this name), and only a ``.dcm``-like extension is dropped from a DICOM name
-    (a UID-named file keeps its dots). Under ``--anonymize`` the name is the pseudonym, so no mask path carries
-    a patient identifier. Computed over the whole study, before any sharding, so a mask's name never depends on
-    the shard. A name longer than the file system takes (255 bytes) is cut and made unique with a hash of the
-    full path.
-    """
-    def stem(item: ImageItem) -> str:
-        base, frame = split_frame_name(item.name) if item.is_dicom else (item.name, None)
-        return frame_name(truth_stem(base, item.is_dicom), frame)
-
-    stems = {item.name: stem(item) for item in items}
-    uses = Counter(stems.values())
-    return {
-        name: f"{MASKS_DIR}/{_fit_name(base if uses[base] == 1 else name)}_mask.png" for name, base in stems.items()
-    }
-
-
-def _fit_name(base: str) -> str:
-    """``dir/name`` with ``name`` shortened, if needed, so that ``name + "_mask.png"`` fits in NAME_MAX bytes."""
-    folder, name = os.path.split(base)
-    suffix = "_mask.png"
-    raw = name.encode("utf-8", errors="surrogateescape")
-    if len(raw) + len(suffix) <= NAME_MAX:
-        return base
-    digest = hashlib.sha1(base.encode("utf-8", errors="surrogateescape")).hexdigest()[:16]
-    keep = raw[: NAME_MAX - len(suffix) - len(digest) - 1].decode("utf-8", errors="ignore")
-    short = f"{keep}~{digest}"
-    return f"{folder}/{short}" if folder else short
-
-
-def file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(read_bytes(path)).hexdigest()
-    except ImageDecodeError:
-        return None
-
-
 def settings_key(loaded: LoadedModel, tta: bool) -> str:
     """What besides input and model changes a result: part of the resume check.
 
@@ -314,78 +235,6 @@ def settings_key(loaded: LoadedModel, tta: bool) -> str:
     """
     key = f"{loaded.card.mask_rules().key()};tta={int(tta)}"
     return key + (";precision=bf16" if loaded.precision == "bf16" else "")
-
-
-def _previous_rows(out: Path) -> dict[str, ImageResult]:
-    """The last known row per image: ``predictions.csv``, then the journal of a run that did not finish."""
-    rows: dict[str, ImageResult] = {}
-    csv_path = out / CSV_NAME
-    if csv_path.is_file():
-        try:
-            rows = {row.image: row for row in read_results_csv(csv_path)}
-        except (OSError, ValueError, TypeError) as err:
-            log.warning("%s: previous results unreadable (%s); every image is redone", csv_path, err)
-    try:
-        journal = read_journal(out / JOURNAL_NAME)
-    except OSError as err:
-        log.warning("%s: unreadable (%s); the images it recorded are redone", out / JOURNAL_NAME, err)
-        journal = []
-    for row in journal:
-        rows[row.image] = row
-    return rows
-
-
-def _previous_shard(out: Path) -> str | None:
-    """The ``shard`` recorded in an existing ``run.json`` (None: unsharded, or no readable run.json)."""
-    try:
-        data = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    shard = data.get("shard") if isinstance(data, dict) else None
-    return str(shard) if shard else None
-
-
-def check_shard_matches(out: Path, shard: Shard | None, has_rows: bool, force: bool) -> None:
-    """Refuse to reuse a folder holding another shard's results: its rows would be dropped as 'removed'."""
-    if force or not has_rows:
-        return
-    before, now = _previous_shard(out), (str(shard) if shard else None)
-    if before != now:
-        raise UsageError(
-            f"{out} holds the results of {'shard ' + before if before else 'an unsharded run'}, "
-            f"this run is {'shard ' + now if now else 'unsharded'}: use one output folder per shard "
-            "(then busi-batch merge), or --force to replace them"
-        )
-
-
-def plan_work(
-    items: list[ImageItem], previous: dict[str, ImageResult], out: Path, masks: dict[str, str],
-    model_sha: str, settings: str, force: bool,
-) -> tuple[list[ImageItem], dict[str, ImageResult]]:
-    """Split items into those to (re)do and the previous rows that stay valid (keyed by the item's name).
-
-    A row must also be of the same DICOM frame: a row an older version wrote for a file has no frame. Each file
-    is hashed once, however many frames it gives.
-    """
-    todo, kept = [], {}
-    hashes: dict[Path, str | None] = {}
-
-    def sha256_of(path: Path) -> str | None:
-        if path not in hashes:
-            hashes[path] = file_sha256(path)
-        return hashes[path]
-
-    for item in items:
-        row = previous.get(item.name)
-        if (
-            not force and row is not None and row.ok and row.model_sha256 == model_sha and row.settings == settings
-            and row.mask == masks[item.name] and row.frame == item.frame and (out / row.mask).is_file()
-            and sha256_of(item.path) == row.input_sha256
-        ):
-            kept[item.name] = row
-        else:
-            todo.append(item)
-    return todo, kept
 
 
 def identifier_columns(item: ImageItem, anonymize: bool) -> dict[str, Any]:
@@ -512,18 +361,22 @@ def compute_metrics(rows: list[ImageResult]) -> dict[str, Any] | None:
 
 
 def run(config: RunConfig) -> RunSummary:
-    """Process a study end to end; raises BusiBatchError for fatal problems, returns a summary otherwise."""
+    """Process a study end to end; raises BusiBatchError for fatal problems, returns a summary otherwise.
+
+    Raises OutputFolderRefused (nothing written) when ``config.out`` is not busi-batch's to write into, or holds
+    results of another study, model or settings and ``config.force`` is not set; EmptyStudy when the study holds
+    no supported image.
+    """
     started = time.time()
-    start_iso = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    start_iso = now_iso()
     study_root, out = validate_paths(config)
+    workers = worker_count(config.workers)
     device = select_device(config.device)
     precision = select_precision(config.precision, device)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BusiBatchError(f"{out}: cannot create output folder: {err.strerror or err}") from err
+    claim(out)
+    folder = RunFolder(out)
     with output_lock(out), _StopFlag().installed() as stop:
-        stale = remove_temp_files(out)
+        stale = folder.prepare()
         if stale:
             log.info("%s: removed %d temporary files left by an interrupted write", out, stale)
         loaded = load_model(config.weights, device, precision)
@@ -532,11 +385,19 @@ def run(config: RunConfig) -> RunSummary:
                          anonymize=config.anonymize)
         for rel, reason in study.skipped:
             log.warning("%s: skipped: %s", printable(rel), reason)
+        if not study.items:
+            passed = f" ({len(study.skipped)} files passed over, none of them a supported image)" if study.skipped else ""
+            raise EmptyStudy(f"{config.study}: no images to process{passed}; supported: PNG, JPEG, BMP, TIFF, DICOM")
         masks = mask_relpaths(study.items)
         items = config.shard.select(study.items) if config.shard else study.items
         settings = settings_key(loaded, config.tta)
-        previous = _previous_rows(out)
-        check_shard_matches(out, config.shard, bool(previous), config.force)
+        previous = previous_rows(out)
+        record_before = _readable_record(out)
+        check_shard_matches(out, record_before, config.shard, bool(previous), config.force)
+        check_same_run(out, record_before, previous, RunIdentity(
+            study=study_root, names=frozenset(i.name for i in study.items), model_sha256=loaded.sha256,
+            settings=settings, frames=config.frames, anonymize=config.anonymize,
+        ), config.force)
         todo, kept = plan_work(items, previous, out, masks, loaded.sha256, settings, config.force)
         current = {i.name for i in items}
         gone = [row for name, row in previous.items() if name not in current]
@@ -550,19 +411,24 @@ def run(config: RunConfig) -> RunSummary:
 
         def record(status: str, error: str = "", timings: dict[str, float] | None = None) -> None:
             summary.seconds = time.time() - started
-            write_json(out / RUN_JSON, _scrubbed(study, _provenance(
-                config, study, loaded, device, summary, start_iso, status, error,
+            provenance = _provenance(
+                config, study, loaded, device, summary, start_iso, status, error, settings,
                 timings or {"discover_s": t_discover, "total_s": summary.seconds},
-            )))
+            )
+            folder.write_record(provenance.scrubbed(study.scrub) if study.anonymized else provenance)
 
         record(STATUS_RUNNING)  # from here on, a folder left by a killed run says so
-        _drop_removed(out, gone, items, masks)
+        folder.start([kept[i.name] for i in items if i.name in kept])
+        folder.drop_masks(gone, {masks[i.name] for i in items})
+        if gone:
+            log.info("%d images are no longer in the study: their rows and masks are dropped", len(gone))
         t0 = time.time()
         try:
-            interrupted = _infer_and_write(config, loaded, todo, masks, settings, out, results, stop, study)
+            interrupted = _infer_and_write(config, loaded, todo, masks, settings, folder, results, stop, study,
+                                           workers=workers)
         except BusiBatchError as err:
             message = str(err)
-            _save_after_failure(out, items, results, summary, lambda: record(STATUS_FAILED, message))
+            _save_after_failure(folder, items, results, summary, lambda: record(STATUS_FAILED, message))
             raise
         t_infer = time.time() - t0
         summary.processed = len(results) - len(kept)
@@ -573,12 +439,7 @@ def run(config: RunConfig) -> RunSummary:
             ordered = list(pool.map(lambda r: as_written(_scrub_row(study, evaluate_row(r, by_name[r.image], out))),
                                     ordered))
         summary.metrics = compute_metrics(ordered)
-        write_results_csv(out / CSV_NAME, ordered)
-        if summary.metrics is not None:
-            write_json(out / METRICS_JSON, summary.metrics)
-        else:
-            _remove(out / METRICS_JSON)  # left by an earlier run whose ground truth is gone: it would mislead
-        _remove(out / JOURNAL_NAME)  # every row it held is in the CSV now
+        folder.finish(ordered, summary.metrics)
         t_eval = time.time() - t0
 
         _count(summary, ordered)
@@ -595,19 +456,12 @@ def run(config: RunConfig) -> RunSummary:
         return summary
 
 
-def _drop_removed(out: Path, gone: list[ImageResult], items: list[ImageItem], masks: dict[str, str]) -> None:
-    """Delete the mask files of rows whose image is no longer in the study (or this shard).
-
-    Their rows are simply not carried over. A mask name that a current image uses is left alone (``a.png``
-    deleted, ``a.jpg`` kept: the same mask name).
-    """
-    in_use = {masks[i.name] for i in items}
-    for row in gone:
-        mask = row.mask
-        if mask and mask not in in_use and mask.startswith(f"{MASKS_DIR}/") and ".." not in Path(mask).parts:
-            _remove(out / mask)
-    if gone:
-        log.info("%d images are no longer in the study: their rows and masks are dropped", len(gone))
+def _readable_record(out: Path) -> RunRecord | None:
+    """The folder's run record, or None when there is none or it cannot be read (``check_same_run`` decides)."""
+    try:
+        return read_run_record(out)
+    except BusiBatchError:
+        return None
 
 
 def _count(summary: RunSummary, rows: list[ImageResult]) -> None:
@@ -616,17 +470,8 @@ def _count(summary: RunSummary, rows: list[ImageResult]) -> None:
     summary.errors = len(summary.error_rows)
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise OutputWriteError(f"{path}: cannot remove: {err.strerror or err}") from err
-
-
 def _save_after_failure(
-    out: Path, items: list[ImageItem], results: dict[str, ImageResult], summary: RunSummary, record: Any,
+    folder: RunFolder, items: list[ImageItem], results: dict[str, ImageResult], summary: RunSummary, record: Any,
 ) -> None:
     """Best effort after a fatal error: the CSV of what was done, run.json marked failed.
 
@@ -635,7 +480,7 @@ def _save_after_failure(
     rows = [results[i.name] for i in items if i.name in results]
     summary.processed = len(results) - summary.skipped
     _count(summary, rows)
-    for action in (lambda: write_results_csv(out / CSV_NAME, rows), record):
+    for action in (lambda: folder.write_rows(rows), record):
         try:
             action()
         except BusiBatchError as err:
@@ -644,22 +489,38 @@ def _save_after_failure(
 
 def _infer_and_write(
     config: RunConfig, loaded: LoadedModel, todo: list[ImageItem], masks: dict[str, str], settings: str,
-    out: Path, results: dict[str, ImageResult], stop: _StopFlag, study: Study | None = None,
+    folder: RunFolder, results: dict[str, ImageResult], stop: _StopFlag, study: Study | None = None,
+    workers: int | None = None,
 ) -> bool:
     """Run the network over ``todo`` batch by batch, writing masks and rows; True if a signal stopped it.
 
-    The stop flag is looked at before the first batch and after each batch has been written whole (masks,
-    journal): "stops after the current batch" exactly, whatever the moment the signal came.
+    Batches are committed whole (``RunFolder.commit_rows``: masks made durable, then the rows journalled): the
+    first at once, then the batches written meanwhile every ``COMMIT_EVERY_SECONDS`` (a ``syncfs`` cost 50-770 ms
+    here, more on a busy disk), and at the end, at a stop and before each rewrite of the CSV. A row counts as done
+    (``results``) only once committed: a kill or a fatal error loses at most the uncommitted batches, whose masks
+    the next run rewrites. The stop flag is looked at before the first batch and after each batch: "stops after
+    the current batch" exactly, whatever the moment the signal came. ``workers``: decoding processes (default:
+    ``config.workers``).
     """
     if stop.requested:
         return True
     if not todo:
         return False
-    journal = out / JOURNAL_NAME
     last_flush = last_trim = time.time()
+    last_commit = 0.0  # the first batch is committed at once, then at most every COMMIT_EVERY_SECONDS
+    pending: list[ImageResult] = []
+
+    def commit() -> None:
+        """Masks written so far made durable, then their rows journalled and counted as done."""
+        if pending:
+            folder.commit_rows(pending)
+            for row in pending:
+                results[row.image] = row
+            pending.clear()
+
     progress = tqdm(total=len(todo), unit="img", disable=not config.progress, leave=False, dynamic_ncols=True)
-    predictions = predict(loaded, todo, batch_size=config.batch_size, workers=config.workers, tta=config.tta,
-                          with_truth=False)
+    predictions = predict(loaded, todo, batch_size=config.batch_size,
+                          workers=config.workers if workers is None else workers, tta=config.tta, with_truth=False)
     try:
         with closing(predictions):  # on any exit the DataLoader's workers are shut down now, not at GC time
             with _stop_signals_blocked():  # the first next() forks the workers
@@ -667,20 +528,23 @@ def _infer_and_write(
             stream = itertools.chain([first] if first is not None else [], predictions)
             del first
             for batch in _batches(stream, config.batch_size):
-                rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, out, config, study)
+                rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, folder, config, study)
                         for pred in batch]
-                for row in rows:
-                    results[row.image] = row
-                append_bytes(journal, journal_lines(rows))
+                pending += rows
                 progress.update(len(rows))
-                if time.time() - last_flush > FLUSH_EVERY_SECONDS:
-                    write_results_csv(out / CSV_NAME, sorted(results.values(), key=lambda r: r.image))
+                flush = time.time() - last_flush > FLUSH_EVERY_SECONDS
+                if flush or stop.requested or time.time() - last_commit >= COMMIT_EVERY_SECONDS:
+                    commit()
+                    last_commit = time.time()
+                if flush:
+                    folder.write_rows(sorted(results.values(), key=lambda r: r.image))
                     last_flush = time.time()
                 if time.time() - last_trim > TRIM_EVERY_SECONDS:
                     release_free_memory()
                     last_trim = time.time()
                 if stop.requested:
                     return True
+            commit()
         return False
     except RuntimeError as err:
         if "DataLoader worker" not in str(err):
@@ -704,15 +568,15 @@ def _batches(predictions: Iterable[Prediction], size: int) -> Iterator[list[Pred
 
 
 def _write_one(
-    item: ImageItem, pred: Prediction, loaded: LoadedModel, masks: dict[str, str], settings: str, out: Path,
-    config: RunConfig, study: Study | None = None,
+    item: ImageItem, pred: Prediction, loaded: LoadedModel, masks: dict[str, str], settings: str,
+    folder: RunFolder, config: RunConfig, study: Study | None = None,
 ) -> ImageResult:
     """Mask file and row for one prediction. A name the output file system cannot take is this image's error."""
     row, mask = result_from_prediction(item, pred, loaded, masks[item.name], settings, config.pixel_size_mm,
                                        anonymize=config.anonymize)
     if mask is not None:
         try:
-            atomic_write_bytes(out / row.mask, encode_mask_png(mask))
+            folder.write_mask(row.mask, encode_mask_png(mask))
         except OutputWriteError as err:
             cause = err.__cause__
             if not (isinstance(cause, OSError) and cause.errno in _PER_FILE_ERRNOS):
@@ -736,71 +600,54 @@ def _scrub_row(study: Study, row: ImageResult) -> ImageResult:
     return row
 
 
-def _scrubbed(study: Study, value: Any) -> Any:
-    """Every string in a JSON-ready structure passed through the study's scrubber (paths in ``run.json`` often
-    name the patient's folder); unchanged when the run is not anonymised."""
-    if not study.anonymized:
-        return value
-    if isinstance(value, str):
-        return study.scrub(value)
-    if isinstance(value, dict):
-        return {k: _scrubbed(study, v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrubbed(study, v) for v in value]
-    return value
-
-
 def _provenance(
     config: RunConfig, study: Study, loaded: LoadedModel, device: torch.device, summary: RunSummary,
-    start_iso: str, status: str, error: str, timings: dict[str, float],
-) -> dict[str, Any]:
+    start_iso: str, status: str, error: str, settings: str, timings: dict[str, float],
+) -> RunRecord:
     card = loaded.card
-    return {
-        "tool": "busi-batch",
-        "tool_version": __version__,
-        "status": status,
-        "error": error,
-        "started": start_iso,
-        "finished": (
-            None if status == STATUS_RUNNING else dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        ),
-        "interrupted": status == STATUS_INTERRUPTED,
-        "shard": str(config.shard) if config.shard else None,
-        "study_images": len(study.items),
-        "host": platform.node(),
-        "input": str(config.study.resolve()),
-        "output": str(summary.out),
-        "options": {
+    return RunRecord(
+        tool_version=__version__,
+        status=status,
+        error=error,
+        started=start_iso,
+        finished=None if status == STATUS_RUNNING else now_iso(),
+        shard=str(config.shard) if config.shard else None,
+        study_images=len(study.items),
+        host=platform.node(),
+        input=str(config.study.resolve()),
+        output=str(summary.out),
+        options={
             k: (str(v) if isinstance(v, (Path, Shard)) else v)
             for k, v in ((f.name, getattr(config, f.name)) for f in fields(config))
         },
-        "model": {
-            "name": card.name,
-            "version": card.version,
-            "weights": str(loaded.weights_path),
-            "sha256": loaded.sha256,
-            "test_model": card.test_model,
-            "warning": (
+        settings=settings,
+        model=ModelRecord(
+            name=card.name,
+            version=card.version,
+            weights=str(loaded.weights_path),
+            sha256=loaded.sha256,
+            test_model=card.test_model,
+            warning=(
                 "TEST MODEL: random or barely trained weights for software tests; predictions are meaningless"
                 if card.test_model else ""
             ),
-            "temperature": card.temperature,
-            "threshold": card.threshold,
-            "mask_rules": card.mask_rules().key(),
-            "input_size": card.input_size,
-            "intended_use": card.intended_use,
-            "training_data": card.training_data,
-            "test_metrics": card.metrics,
-        },
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "precision": loaded.precision,
-        "platform": {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
-                     "cpu_count": os.cpu_count()},
-        "counts": {
-            "found": summary.found, "processed": summary.processed, "skipped_unchanged": summary.skipped,
-            "ok": summary.ok, "error": summary.errors, "removed_since_last_run": summary.removed,
-            "passed_over": len(study.skipped),
-        },
-        "passed_over": [{"path": p, "reason": r} for p, r in study.skipped],
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
+            temperature=card.temperature,
+            threshold=card.threshold,
+            mask_rules=card.mask_rules().key(),
+            input_size=card.input_size,
+            intended_use=card.intended_use,
+            training_data=card.training_data,
+            test_metrics=card.metrics,
+        ),
+        device=str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        precision=loaded.precision,
+        platform={"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
+                  "cpu_count": os.cpu_count()},
+        counts=RunCounts(
+            found=summary.found, processed=summary.processed, skipped_unchanged=summary.skipped,
+            ok=summary.ok, error=summary.errors, removed_since_last_run=summary.removed,
+            passed_over=len(study.skipped),
+        ),
+        passed_over=tuple(study.skipped),
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )

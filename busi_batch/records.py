@@ -97,6 +97,33 @@ def _parse(name: str, text: str) -> Any:
     return text
 
 
+#: A cell starting with one of these is run as a formula by spreadsheets (OWASP "CSV injection"); a quote is
+#: on the list so that a text that really starts with a quote survives the round trip.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def neutralise_cell(text: str) -> str:
+    """A CSV text cell a spreadsheet shows as text: ``'`` before a leading ``= + - @``, tab, CR or ``'``.
+
+    :func:`restore_cell` is its exact inverse, so busi-batch reads back the real file names.
+    """
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def restore_cell(text: str) -> str:
+    """The text :func:`neutralise_cell` was given."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_STARTS) else text
+
+
+def _cell(name: str, value: Any) -> str:
+    text = _format(value)
+    return text if name in _INT_FIELDS or name in _FLOAT_FIELDS else neutralise_cell(text)
+
+
+def _read_cell(name: str, text: str) -> Any:
+    return _parse(name, text if name in _INT_FIELDS or name in _FLOAT_FIELDS else restore_cell(text))
+
+
 def as_written(result: ImageResult) -> ImageResult:
     """The row exactly as it reads back from the CSV (floats at the CSV's 6 significant digits).
 
@@ -108,7 +135,8 @@ def as_written(result: ImageResult) -> ImageResult:
 
 
 def results_to_csv(results: list[ImageResult]) -> str:
-    """The CSV text: ``\\n`` line ends (friendly to cut/awk), minimal quoting.
+    """The CSV text: ``\\n`` line ends (friendly to cut/awk), minimal quoting, formula cells neutralised
+    (:func:`neutralise_cell`: a file name like ``=HYPERLINK(...).png`` is not run by a spreadsheet).
 
     Python's writer quotes a field holding ``\\n`` but not one holding a bare ``\\r`` when lines end in
     ``\\n``; such a row (a file name with a carriage return) is written fully quoted, so it reads back intact.
@@ -118,22 +146,22 @@ def results_to_csv(results: list[ImageResult]) -> str:
     quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(CSV_COLUMNS)
     for result in results:
-        fields = [_format(getattr(result, c)) for c in CSV_COLUMNS]
+        fields = [_cell(c, getattr(result, c)) for c in CSV_COLUMNS]
         (quoted if any("\r" in f for f in fields) else writer).writerow(fields)
     return buffer.getvalue()
 
 
-def write_results_csv(path: Path, results: list[ImageResult]) -> None:
-    atomic_write_text(path, results_to_csv(results))
+def write_results_csv(path: Path, results: list[ImageResult], temp_dir: Path | None = None) -> None:
+    atomic_write_text(path, results_to_csv(results), temp_dir=temp_dir)
 
 
 def read_results_csv(path: Path) -> list[ImageResult]:
-    """Rows of a ``predictions.csv`` written by this tool; unknown extra columns are ignored, missing ones (an older
-    version's CSV) take their defaults."""
+    """Rows of a ``predictions.csv`` written by this tool, text cells as they were before neutralising; unknown
+    extra columns are ignored, missing ones (an older version's CSV) take their defaults."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         return [
-            ImageResult(**{c: _parse(c, row.get(c) or "") for c in CSV_COLUMNS if c in row}) for row in reader
+            ImageResult(**{c: _read_cell(c, row.get(c) or "") for c in CSV_COLUMNS if c in row}) for row in reader
         ]
 
 
@@ -181,8 +209,8 @@ def printable(name: str) -> str:
     return "".join(out)
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+def write_json(path: Path, data: Any, temp_dir: Path | None = None) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n", temp_dir=temp_dir)
 
 
 def _json_default(value: Any) -> Any:

@@ -36,6 +36,7 @@ from .classes import CLASS_NAMES
 from .errors import BusiBatchError, UsageError
 from .imageio import atomic_write_bytes, atomic_write_text
 from .records import ImageResult, read_results_csv
+from .runfolder import CSV_NAME, METRICS_JSON, RunRecord, read_run_record
 from .report_assets import ASSETS_DIR, Rendition, RenditionJob, make_rendition, remove_stale
 from .report_pdf import ChunkJob, ChunkResult, merge_pdfs, render_chunk
 
@@ -120,66 +121,57 @@ def load_run(run_dir: Path) -> RunFolder:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such output folder")
-    run_json = run_dir / "run.json"
-    csv_path = run_dir / "predictions.csv"
-    for path in (run_json, csv_path):
-        if not path.is_file():
-            raise BusiBatchError(f"{path}: missing; is {run_dir} a finished busi-batch output folder?")
+    csv_path = run_dir / CSV_NAME
+    record = read_run_record(run_dir)
+    if not csv_path.is_file():
+        raise BusiBatchError(f"{csv_path}: missing; is {run_dir} a finished busi-batch output folder?")
     try:
-        data = json.loads(run_json.read_text(encoding="utf-8"))
         rows = read_results_csv(csv_path)
     except (OSError, ValueError, TypeError) as err:
         raise BusiBatchError(f"{run_dir}: cannot read the run's files: {err}") from err
     metrics = None
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_JSON
     if metrics_path.is_file():
         try:
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise BusiBatchError(f"{metrics_path}: cannot read: {err}") from err
-    try:
-        info = _run_info(run_dir, data)
-    except (KeyError, TypeError, ValueError) as err:
-        raise BusiBatchError(f"{run_json}: not a busi-batch run record ({type(err).__name__}: {err})") from err
-    return RunFolder(info=info, rows=rows, metrics=metrics)
+    return RunFolder(info=_run_info(run_dir, record), rows=rows, metrics=metrics)
 
 
-def _run_info(run_dir: Path, data: dict[str, Any]) -> RunInfo:
-    model = data.get("model") or {}
-    options = data.get("options") or {}
-    counts = data.get("counts") or {}
-    timings = data.get("timings") or {}
+def _run_info(run_dir: Path, record: RunRecord) -> RunInfo:
+    model = record.model
     return RunInfo(
         folder=run_dir,
-        input=Path(data["input"]),
-        started=str(data.get("started", "")),
-        finished=str(data.get("finished", "")),
-        interrupted=bool(data.get("interrupted", False)),
-        status=str(data.get("status", "")),
-        tool_version=str(data.get("tool_version", "")),
-        device=str(data.get("device", "")) + (f", {data['precision']} forward pass" if data.get("precision") else ""),
-        total_s=timings.get("total_s"),
-        found=int(counts.get("found", 0)),
-        ok=int(counts.get("ok", 0)),
-        errors=int(counts.get("error", 0)),
-        removed=int(counts.get("removed_since_last_run", 0)),
-        passed_over=[(p["path"], p["reason"]) for p in data.get("passed_over") or []],
-        pixel_size_mm=options.get("pixel_size_mm"),
-        tta=bool(options.get("tta", False)),
-        anonymized=bool(options.get("anonymize", False)),
-        masks_root=Path(options["masks"]) if options.get("masks") else None,
-        labels=Path(options["labels"]) if options.get("labels") else None,
+        input=Path(record.input),
+        started=record.started,
+        finished=str(record.finished or ""),
+        interrupted=record.interrupted,
+        status=record.status,
+        tool_version=record.tool_version,
+        device=record.device + (f", {record.precision} forward pass" if record.precision else ""),
+        total_s=record.timings.get("total_s"),
+        found=record.counts.found,
+        ok=record.counts.ok,
+        errors=record.counts.error,
+        removed=record.counts.removed_since_last_run,
+        passed_over=list(record.passed_over),
+        pixel_size_mm=record.option("pixel_size_mm"),
+        tta=bool(record.option("tta", False)),
+        anonymized=bool(record.option("anonymize", False)),
+        masks_root=Path(record.options["masks"]) if record.option("masks") else None,
+        labels=Path(record.options["labels"]) if record.option("labels") else None,
         model=ModelInfo(
-            name=str(model.get("name", "")),
-            version=str(model.get("version", "")),
-            sha256=str(model.get("sha256", "")),
-            test_model=bool(model.get("test_model", False)),
-            warning=str(model.get("warning", "")),
-            intended_use=str(model.get("intended_use", "")),
-            training_data=str(model.get("training_data", "")),
-            test_metrics=dict(model.get("test_metrics") or {}),
+            name=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            test_model=model.test_model,
+            warning=model.warning,
+            intended_use=model.intended_use,
+            training_data=model.training_data,
+            test_metrics=dict(model.test_metrics),
         ),
-        frames=str(options.get("frames") or "first"),
+        frames=str(record.option("frames") or "first"),
     )
 
 

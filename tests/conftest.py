@@ -42,8 +42,11 @@ def sample_study() -> Path:
     return SAMPLE_STUDY
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file (and a marker per folder): proves a folder was left untouched."""
+def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Relative path -> sha256 of every file (and a marker per folder): proves a folder was left untouched.
+
+    ``skip``: relative paths left out (busi-batch's lock file, whose holder line every run rewrites).
+    """
     digest = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:
@@ -52,4 +55,6 @@ def tree_digest(root: Path) -> dict[str, str]:
             full = os.path.join(dirpath, name)
             if os.path.isfile(full) and os.access(full, os.R_OK):
                 digest[os.path.relpath(full, root)] = hashlib.sha256(Path(full).read_bytes()).hexdigest()
+    for rel in skip:
+        digest.pop(rel, None)
     return digest

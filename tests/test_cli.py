@@ -19,6 +19,7 @@ from busi_batch.records import read_results_csv
 from conftest import BUSI, make_tiny_checkpoint, tree_digest
 
 runner = CliRunner()
+LOCK = ".busi-batch.lock"  # its holder line is rewritten by every run that takes the lock
 METRIC_KEYS = {"accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "mcc",
                "confusion_matrix", "per_class", "roc_auc", "accuracy_ci95", "mcc_ci95"}
 
@@ -102,12 +103,18 @@ def test_rerun_skips_unchanged_and_redoes_edited(sample_study: Path, tiny_weight
     assert "7 processed, 0 unchanged" in forced.output
 
 
-def test_other_model_redoes_everything(sample_study: Path, tiny_weights: Path, tmp_path: Path) -> None:
+def test_other_model_is_refused_then_redoes_everything_with_force(
+    sample_study: Path, tiny_weights: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     assert invoke(sample_study, "--out", out, "--weights", tiny_weights, "-j", "0").exit_code == 0
+    before = tree_digest(out, skip=(LOCK,))
     other = make_tiny_checkpoint(tmp_path / "other.pt", seed=9)
-    result = invoke(sample_study, "--out", out, "--weights", other, "-j", "0")
-    assert "8 processed, 0 unchanged" in result.output
+    refused = invoke(sample_study, "--out", out, "--weights", other, "-j", "0")
+    assert refused.exit_code == 5 and "made by model" in refused.output and "--force" in refused.output
+    assert tree_digest(out, skip=(LOCK,)) == before  # nothing written but the lock's holder line
+    result = invoke(sample_study, "--out", out, "--weights", other, "-j", "0", "--force")
+    assert result.exit_code == 0 and "8 processed, 0 unchanged" in result.output
 
 
 def test_output_inside_input_is_refused(sample_study: Path, tiny_weights: Path, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pydicom = pytest.importorskip("pydicom")
+# pydicom is part of the test extra: a missing or renamed module fails here, it never skips the DICOM suite.
+import pydicom  # noqa: E402
 
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
@@ -503,9 +504,11 @@ def test_phi_values_and_scrub() -> None:
     assert {"DOE^JANE^M", "DOE", "JANE", "PID73921", "20190417", "2019-04-17", "17.04.2019", "1961-03-07"} <= values
     assert "M" not in values and "7" not in values  # too short to scrub from free text safely
     text = "study /data/Doe_Jane/PID73921/IM1 (2019-04-17), annotation by Janet; uid 1.2.3.20190417123"
+    # wherever a value stands, glued to other characters too: "Janet" loses "Jane", the UID its date
     assert scrub_text(text, values) == (
-        "study /data/[removed]_[removed]/[removed]/IM1 ([removed]), annotation by Janet; uid 1.2.3.20190417123"
+        "study /data/[removed]_[removed]/[removed]/IM1 ([removed]), annotation by [removed]t; uid 1.2.3.[removed]123"
     )
+    assert scrub_text("JaneDoe_xPID73921y_17042019", values) == "[removed][removed]_x[removed]y_[removed]"
     scrubber = dicom.Scrubber()
     scrubber.add(patient)
     assert scrubber("DOE^JANE^M") == "[removed]" and scrubber("nothing here") == "nothing here"
@@ -518,3 +521,38 @@ def test_without_pydicom_a_dicom_file_is_a_clear_error(tmp_path: Path, monkeypat
     with pytest.raises(ImageDecodeError, match=r"pydicom is not installed \(pip install 'busi-batch\[dicom\]'\)"):
         decode_dicom(data)
     assert sniff_dicom(tmp_path / "a")  # recognising DICOM needs no pydicom
+
+
+_NAME_PART = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzäöü"), min_size=3, max_size=8).filter(
+    lambda v: v.casefold() not in dicom.REDACTED  # a value inside the marker's own word would "appear" in it
+)
+_GLUE = st.text(st.sampled_from("abcxyz0123456789_-. /"), max_size=4)
+_CASE = st.sampled_from([str.upper, str.lower, str.title, str.swapcase])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(_NAME_PART, min_size=2, max_size=3, unique_by=str.casefold),
+    patient_id=st.text(st.sampled_from("ABC0123456789"), min_size=3, max_size=10),
+    date=st.dates(min_value=__import__("datetime").date(1900, 1, 1)),
+    spelling=st.integers(0, 17),
+    glue=st.lists(_GLUE, min_size=6, max_size=6),
+    case=_CASE,
+    order=st.randoms(use_true_random=False),
+)
+def test_scrub_removes_identifiers_glued_to_anything_in_any_case_order_and_date_spelling(
+    parts, patient_id, date, spelling, glue, case, order
+) -> None:
+    """Before: only whole tokens were scrubbed, so ``DoeJane_[removed]_[removed]/`` kept the name."""
+    patient = PatientInfo(name="^".join(parts), patient_id=patient_id, study_date=date.strftime("%Y%m%d"))
+    values = phi_values(patient)
+    shuffled = list(parts)
+    order.shuffle(shuffled)
+    y, m, d = date.strftime("%Y"), date.strftime("%m"), date.strftime("%d")
+    sep = ["", "-", ".", "/", "_", " "][spelling % 6]
+    written_date = sep.join([(y, m, d), (d, m, y), (m, d, y)][spelling // 6])
+    pieces = [case(p) for p in shuffled] + [case(patient_id), written_date]
+    text = "".join(g + p for g, p in zip(glue, pieces)) + glue[-1]
+    scrubbed = scrub_text(text, values).casefold()
+    for value in [*parts, patient_id, written_date]:
+        assert value.casefold() not in scrubbed, (text, value)

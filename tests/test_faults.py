@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from busi_batch import pipeline
+from busi_batch import pipeline, runfolder
 from busi_batch.cli import app
 from busi_batch.discover import discover
 from busi_batch.imageio import TEMP_PREFIX
@@ -102,6 +103,28 @@ def group_members(pgid: int) -> list[int]:
         if pgrp == pgid and state != "Z":
             members.append(int(entry.name))
     return members
+
+
+def signal_at_mask(monkeypatch: pytest.MonkeyPatch, n: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to this process while the ``n``-th mask of an in-process run is encoded: mid-batch, exactly."""
+    written = []
+    encode = pipeline.encode_mask_png
+
+    def encode_and_signal(mask):
+        written.append(1)
+        if len(written) == n:
+            os.kill(os.getpid(), sig)
+        return encode(mask)
+
+    monkeypatch.setattr(pipeline, "encode_mask_png", encode_and_signal)
+
+
+def resume_group(pgid: int) -> None:
+    """SIGCONT to a process group frozen with SIGSTOP, if anything of it is left."""
+    try:
+        os.killpg(pgid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 def assert_no_orphans(pgid: int, within: float) -> None:
@@ -186,21 +209,28 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
         proc = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2")
         if attempt == 0:
             time.sleep(rng.uniform(0.2, 3.0))  # anywhere: start-up, model load, discovery or inference
+            finished_first = proc.poll() is not None  # on a fast idle machine the whole run can fit in that
         else:
-            before = journal_rows(out)
-            started = wait_for(lambda: journal_rows(out) > before, proc=proc)
+            # rows done (CSV and journal: a run folds the journal it finds into the CSV as it starts)
+            before = len(runfolder.previous_rows(out))
+            assert wait_for(lambda: len(runfolder.previous_rows(out)) > before, proc=proc), proc.communicate()[1]
             time.sleep(rng.uniform(0.0, 0.6))  # somewhere in the inference
-            kills_mid_inference += started
-        if proc.poll() is None:
-            if attempt == 1:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as `kill -9 -PGID` or a job scheduler
-            else:
-                os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer
+        os.killpg(proc.pid, signal.SIGSTOP)  # frozen: what is checked next is the moment of the kill
+        if attempt > 0:  # proven mid-inference: the run had started writing rows and had not finished
+            assert proc.poll() is None and json.loads((out / pipeline.RUN_JSON).read_text())["status"] == "running"
+            kills_mid_inference += 1
+        if attempt == 1:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as `kill -9 -PGID` or a job scheduler
+        else:
+            os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer
+            resume_group(proc.pid)
         proc.wait(timeout=60)
         assert_no_orphans(proc.pid, within=20)  # orphaned decoding workers notice and leave (PyTorch watchdog)
         assert_valid_state(out)
-    assert kills_mid_inference >= 1
-    done_before = len(pipeline._previous_rows(out))
+        if attempt == 0 and finished_first:
+            shutil.rmtree(out)  # the later attempts must find work left, to be killed in the middle of it
+    assert kills_mid_inference == 2
+    done_before = len(runfolder.previous_rows(out))
 
     final = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2")
     _, stderr = final.communicate(timeout=180)
@@ -236,7 +266,10 @@ def test_sigterm_to_process_group_stops_after_the_batch(
     out = tmp_path / "out"
     proc = start_run(fault_study, out, tiny_weights, "-b", "3", "-j", "2")
     assert wait_for(lambda: journal_rows(out) >= 3, proc=proc), proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen, so the signal below provably lands mid-run
+    assert proc.poll() is None and journal_rows(out) < 37
     os.killpg(proc.pid, sig)
+    resume_group(proc.pid)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr and "reached a decoding worker" not in stderr
@@ -262,21 +295,34 @@ def test_signal_mid_batch_finishes_exactly_that_batch(
 ) -> None:
     """The signal lands while the 5th mask is written (2nd batch of 3): exactly 6 images are done and saved."""
     out = tmp_path / "out"
-    written = []
-    encode = pipeline.encode_mask_png
-
-    def encode_and_signal(mask):
-        written.append(1)
-        if len(written) == 5:
-            os.kill(os.getpid(), sig)
-        return encode(mask)
-
-    monkeypatch.setattr(pipeline, "encode_mask_png", encode_and_signal)
+    signal_at_mask(monkeypatch, 5, sig)
     result = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "3", "-j", "0")
     assert result.exit_code == 4, result.output
     assert f"stopped by {sig.name} after 6 images" in result.output
     assert len(read_results_csv(out / pipeline.CSV_NAME)) == 6
     assert len(list((out / "masks").rglob("*.png"))) == 6
+
+
+def test_resume_at_batch_size_one_is_bit_identical(
+    fault_study: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact, not approximate: with one image per batch a resumed run meets every image in the same batch (of
+    one) as an uninterrupted run, so on CPU its probabilities and mask bytes are the same to the bit. (Larger
+    batches are compared with a tolerance in ``compare_with_reference``, which says why.)"""
+    reference = tmp_path / "reference"
+    assert invoke(fault_study, "--out", reference, "--weights", tiny_weights, "-b", "1", "-j", "0").exit_code == 3
+    out = tmp_path / "out"
+    signal_at_mask(monkeypatch, 10, signal.SIGTERM)
+    assert invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "1", "-j", "0").exit_code == 4
+    monkeypatch.undo()
+    resumed = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "1", "-j", "0")
+    assert resumed.exit_code == 3 and "10 unchanged" in resumed.output
+    got, want = read_results_csv(out / pipeline.CSV_NAME), read_results_csv(reference / pipeline.CSV_NAME)
+    assert got == want
+    for row in want:
+        if row.ok:
+            assert (out / row.mask).read_bytes() == (reference / row.mask).read_bytes(), row.image
+    assert (out / pipeline.METRICS_JSON).read_bytes() == (reference / pipeline.METRICS_JSON).read_bytes()
 
 
 def test_signal_before_inference_processes_nothing(
@@ -335,17 +381,17 @@ def test_full_disk_mid_run_is_fatal_clear_and_leaves_valid_files(
             return replace(src, dst)
 
         monkeypatch.setattr(os, "replace", full_disk)
-    else:  # the journal append fails on the 3rd batch (masks and CSV still fit)
-        append = pipeline.append_bytes
+    else:  # the journal append fails at the 2nd commit (masks and CSV still fit); the 1st is the first batch alone
+        append = runfolder.append_bytes
 
-        def journal_full(path, data):
+        def journal_full(path, data, **kwargs):
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 2:  # a run commits at least twice: the first batch at once, the rest by the end
                 os.write(os.open(path, os.O_WRONLY | os.O_APPEND), data[:10])  # a torn line, as a full disk leaves
                 raise pipeline.OutputWriteError(f"{path}: cannot write: No space left on device")
-            return append(path, data)
+            return append(path, data, **kwargs)
 
-        monkeypatch.setattr(pipeline, "append_bytes", journal_full)
+        monkeypatch.setattr(runfolder, "append_bytes", journal_full)
     result = invoke(fault_study, "--out", out, "--weights", tiny_weights, "-b", "2", "-j", "0")
     assert result.exit_code == 1, result.output
     last = result.output.strip().splitlines()[-1]  # the CLI's one-line verdict

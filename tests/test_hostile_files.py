@@ -35,7 +35,7 @@ from busi_batch.cli import app
 from busi_batch.discover import ImageItem
 from busi_batch.errors import ImageDecodeError
 from busi_batch.imageio import apply_orientation, decode_image, read_bytes
-from busi_batch.pipeline import NAME_MAX, mask_relpaths
+from busi_batch.runfolder import NAME_MAX, mask_relpaths
 from busi_batch.preprocess import to_gray_float
 from busi_batch.records import (
     ImageResult, as_written, journal_lines, printable, read_journal, read_results_csv, write_results_csv,

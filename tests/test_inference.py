@@ -61,8 +61,21 @@ def test_bf16_forward_agrees_with_fp32_on_the_shipped_model(sample_study: Path) 
         assert np.mean((a.lesion_probability >= 0.5) != (b.lesion_probability >= 0.5)) < 0.01
 
 
+class _ReportingGate(DecodeGate):
+    """A gate whose ``wait`` first says, through a pipe, that a worker has arrived at it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived_r, self.arrived_w = os.pipe()
+
+    def wait(self) -> None:
+        os.write(self.arrived_w, b"a")
+        super().wait()
+
+
 def test_closed_gate_holds_a_worker_until_it_opens(sample_study: Path) -> None:
-    gate = DecodeGate()
+    """The worker is proven to be at the gate (it said so) before the check that it has not passed it."""
+    gate = _ReportingGate()
     items = discover(sample_study).items[:2]
     dataset = StudyDataset(items, 64, 0.3, 0.2, with_truth=False, gate=gate)
     loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=lambda s: s)
@@ -76,7 +89,9 @@ def test_closed_gate_holds_a_worker_until_it_opens(sample_study: Path) -> None:
 
         thread = threading.Thread(target=first)
         thread.start()
-        time.sleep(1.0)
+        ready, _, _ = select.select([gate.arrived_r], [], [], 60)
+        assert ready, "the worker never reached the gate"
+        time.sleep(0.3)  # a worker let through would decode two tiny images in far less
         assert not got, "a worker decoded while the gate was closed"
         opened = time.monotonic()
     thread.join(timeout=20)
@@ -105,9 +120,16 @@ def test_a_worker_killed_while_it_waits_at_the_gate_cannot_stall_the_main_proces
     gate = DecodeGate()
     shut = gate.closed()
     shut.__enter__()
-    worker = multiprocessing.get_context("fork").Process(target=gate.wait)
+    gate_r, gate_w = os.pipe()
+
+    def arrive_and_wait() -> None:
+        os.write(gate_w, b"a")
+        gate.wait()
+
+    worker = multiprocessing.get_context("fork").Process(target=arrive_and_wait)
     worker.start()
-    time.sleep(0.5)
+    assert select.select([gate_r], [], [], 60)[0], "the worker never reached the gate"
+    time.sleep(0.3)
     assert worker.is_alive(), "the worker did not wait at the closed gate"
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(timeout=10)

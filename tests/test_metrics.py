@@ -151,3 +151,64 @@ def test_roc_curve_points_match_a_hand_ranking() -> None:
     assert curves["benign"]["tpr"] == [0.0, 0.5, 0.5, 1.0, 1.0]
     assert curves["benign"]["fpr"] == [0.0, 0.0, 0.5, 0.5, 1.0]
     assert curves["malignant"] is None  # no malignant image: no curve
+
+
+# ------------------------------------------------------------------------------------ end to end, independent oracle
+
+
+def _bootstrap_oracle(statistic, y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000) -> list[float]:
+    """The documented interval (percentile bootstrap over images, 1000 resamples, numpy seed 0), written out here."""
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, y_true.size, y_true.size)
+        values.append(statistic(y_true[idx], y_pred[idx]))
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
+def test_metrics_json_equals_sklearn_on_predictions_csv(tiny_weights, tmp_path) -> None:
+    """metrics.json against sklearn computed here from predictions.csv (read with the csv module, not ours) and the
+    mask files: accuracy, MCC, AUC per class, the confusion matrix, both CIs' values, and Dice per row."""
+    import csv
+
+    import cv2
+    from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+    from typer.testing import CliRunner
+
+    from busi_batch.cli import app
+    from test_faults import make_study
+
+    study = make_study(tmp_path / "study", 18, seed=4)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(study), "--out", str(out), "--weights", str(tiny_weights), "-j", "0"])
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    order = ["normal", "benign", "malignant"]
+    y_true = np.array([order.index(r["image"].split("/")[0]) for r in rows])
+    y_pred = np.array([order.index(r["pred_class"]) for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in order] for r in rows])
+    got = __import__("json").loads((out / "metrics.json").read_text())
+    cls = got["classification"]
+    assert cls["n_images"] == 18
+    assert cls["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert cls["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert cls["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).tolist()
+    for k, name in enumerate(order):
+        assert cls["roc_auc"][name] == pytest.approx(roc_auc_score(y_true == k, probs[:, k]))
+    assert cls["accuracy_ci95"] == pytest.approx(
+        _bootstrap_oracle(lambda t, p: float(np.mean(t == p)), y_true, y_pred))
+
+    def mcc(t: np.ndarray, p: np.ndarray) -> float:
+        return 0.0 if len(set(t)) < 2 and len(set(p)) < 2 else float(matthews_corrcoef(t, p))
+
+    assert cls["mcc_ci95"] == pytest.approx(_bootstrap_oracle(mcc, y_true, y_pred))
+    dice = []
+    for r in rows:
+        pred = cv2.imread(str(out / r["mask"]), cv2.IMREAD_UNCHANGED) > 0
+        truth = cv2.imread(str(study / r["image"].replace(".png", "_mask.png")), cv2.IMREAD_UNCHANGED) > 0
+        expected = 1.0 if not pred.any() and not truth.any() else f1_score(truth.ravel(), pred.ravel())
+        assert float(r["dice"]) == pytest.approx(expected, abs=1e-5), r["image"]
+        if truth.any():
+            dice.append(expected)
+    assert got["segmentation"]["dice_mean"] == pytest.approx(np.mean(dice), abs=1e-5)

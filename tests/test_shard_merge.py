@@ -115,9 +115,10 @@ def test_shards_partition_the_study(sharded: dict[str, Path]) -> None:
         assert all(shard_of(image, N) == i for image in part)
         run = json.loads((sharded[f"s{i}"] / "run.json").read_text())
         assert run["shard"] == f"{i}/{N}" and run["study_images"] == TOTAL and run["counts"]["found"] == len(part)
-    # mask names come from the whole study: the two "img 003" images keep their extension in every shard
-    masks = {r.mask for i in range(1, N + 1) for r in read_results_csv(sharded[f"s{i}"] / "predictions.csv")}
-    assert "masks/benign/img 003.jpg_mask.png" in masks and "masks/benign/img 003.png_mask.png" in masks
+    # mask names come from the whole study: the two "img 003" images, in different shards or not, get two masks
+    rows = {r.image: r for i in range(1, N + 1) for r in read_results_csv(sharded[f"s{i}"] / "predictions.csv")}
+    jpg, png = rows["benign/img 003.jpg"].mask, rows["benign/img 003.png"].mask
+    assert jpg != png and jpg.startswith("masks/benign/img 003~") and png.startswith("masks/benign/img 003~")
 
 
 def test_merge_equals_the_unsharded_run(sharded: dict[str, Path], tmp_path: Path) -> None:
