@@ -402,6 +402,8 @@ class Summary:
     worst: list[Entry] = field(default_factory=list)
     wrong: list[Entry] = field(default_factory=list)
     confusion: list[dict[str, Any]] = field(default_factory=list)
+    roc: RocChart | None = None
+    reliability: ReliabilityChart | None = None
 
 
 def summarise(entries: Sequence[Entry], metrics: dict[str, Any] | None, use_mm2: bool) -> Summary:
@@ -435,6 +437,8 @@ def summarise(entries: Sequence[Entry], metrics: dict[str, Any] | None, use_mm2:
         summary.worst = worst_segmented(entries)
         summary.wrong = misclassified(entries)
         summary.confusion = confusion_rows((metrics or {}).get("classification") or {})
+        summary.roc = roc_chart((metrics or {}).get("classification") or {})
+        summary.reliability = reliability_chart((metrics or {}).get("classification") or {})
     return summary
 
 
@@ -454,6 +458,207 @@ def confusion_rows(classification: dict[str, Any]) -> list[dict[str, Any]]:
                           "alpha": round(0.1 + 0.5 * share, 2) if count else 0.0})
         result.append({"name": name, "total": total, "cells": cells})
     return result
+
+
+
+# ------------------------------------------------------------------------- evidence charts (inline SVG geometry)
+#
+# The ROC chart and the reliability diagram are drawn as inline SVG. The functions below turn metrics.json's
+# numbers into geometry in a fixed viewBox (points, paths, rectangles); the template only places it.
+
+#: Line and bar colours per class, matching the CSS bars (``.bar-normal`` …).
+CLASS_COLOURS = {"normal": "#6a9f58", "benign": "#4a7fb0", "malignant": "#b5533c"}
+OTHER_COLOUR = "#555555"
+#: Chart ticks on both axes.
+TICKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A square plot area in an SVG viewBox: data (0, 0) at its bottom left, (1, 1) at its top right.
+
+    The viewBox is ``0 0 width height``; below the plot there is room for tick labels, an axis label and, for the
+    reliability diagram, a row of bin counts.
+    """
+
+    left: float = 46.0
+    top: float = 8.0
+    size: float = 200.0
+    width: float = 256.0
+    height: float = 262.0
+
+    @property
+    def right(self) -> float:
+        return self.left + self.size
+
+    @property
+    def bottom(self) -> float:
+        return self.top + self.size
+
+    @property
+    def view_box(self) -> str:
+        return f"0 0 {self.width:g} {self.height:g}"
+
+    def x(self, value: float) -> float:
+        """Horizontal position of a data value in [0, 1] (clipped)."""
+        return round(self.left + _unit(value) * self.size, 2)
+
+    def y(self, value: float) -> float:
+        """Vertical position of a data value in [0, 1] (clipped); SVG's y grows downwards."""
+        return round(self.top + (1.0 - _unit(value)) * self.size, 2)
+
+
+def _unit(value: float) -> float:
+    return min(1.0, max(0.0, float(value)))
+
+
+ROC_FRAME = Frame()
+RELIABILITY_FRAME = Frame(height=256.0)
+
+
+@dataclass(frozen=True)
+class Tick:
+    value: float
+    label: str
+    x: float       # position on the horizontal axis
+    y: float       # position on the vertical axis
+
+
+def ticks(frame: Frame, values: Sequence[float] = TICKS) -> list[Tick]:
+    return [Tick(v, f"{v:.1f}", frame.x(v), frame.y(v)) for v in values]
+
+
+def svg_path(points: Sequence[tuple[float, float]]) -> str:
+    """An SVG path through ``points`` (``M x,y L x,y …``); empty for no points."""
+    return " ".join(f"{'M' if k == 0 else 'L'}{x:g},{y:g}" for k, (x, y) in enumerate(points))
+
+
+def roc_points(fpr: Sequence[float], tpr: Sequence[float], frame: Frame = ROC_FRAME) -> list[tuple[float, float]]:
+    """A ROC curve's points in the frame: x = 1 - specificity (false-positive rate), y = sensitivity."""
+    if len(fpr) != len(tpr):
+        raise ValueError(f"fpr and tpr differ in length ({len(fpr)} and {len(tpr)})")
+    points: list[tuple[float, float]] = []
+    for f, t in zip(fpr, tpr):
+        point = (frame.x(f), frame.y(t))
+        if not points or points[-1] != point:  # neighbours that round to the same spot add nothing
+            points.append(point)
+    return points
+
+
+@dataclass(frozen=True)
+class Curve:
+    name: str
+    auc: float | None
+    colour: str
+    path: str
+
+
+@dataclass(frozen=True)
+class RocChart:
+    """One ROC curve per class that has one, and the classes left out (no curve in metrics.json)."""
+
+    frame: Frame
+    curves: list[Curve]
+    missing: list[str]
+    ticks: list[Tick]
+    diagonal: str
+
+
+def roc_chart(classification: dict[str, Any], frame: Frame = ROC_FRAME) -> RocChart | None:
+    """The ROC chart of a metrics.json ``classification`` block; None when it has no ``roc_curves`` (older runs,
+    or no probabilities). A class whose curve is null (absent from the ground truth, or the only class present)
+    is listed in ``missing``."""
+    curves_in = classification.get("roc_curves")
+    if not isinstance(curves_in, dict):
+        return None
+    auc = classification.get("roc_auc") or {}
+    order = [n for n in classification.get("class_order") or list(CLASS_NAMES) if n in curves_in]
+    order += [n for n in curves_in if n not in order]
+    curves, missing = [], []
+    for name in order:
+        curve = curves_in[name]
+        if not curve or not curve.get("fpr"):
+            missing.append(name)
+            continue
+        curves.append(Curve(name, auc.get(name), CLASS_COLOURS.get(name, OTHER_COLOUR),
+                            svg_path(roc_points(curve["fpr"], curve["tpr"], frame))))
+    diagonal = svg_path([(frame.x(0), frame.y(0)), (frame.x(1), frame.y(1))])
+    return RocChart(frame, curves, missing, ticks(frame), diagonal)
+
+
+@dataclass(frozen=True)
+class ReliabilityBar:
+    """One confidence bin: its bar (accuracy, as a rectangle), the mean confidence as a marker, and its count."""
+
+    lo: float
+    hi: float
+    count: int
+    accuracy: float | None
+    confidence: float | None
+    x: float                  # rectangle, in the frame
+    y: float
+    width: float
+    height: float
+    opacity: float            # more images, more opaque
+    marker_x: float | None    # (mean confidence, accuracy): on the diagonal when calibrated
+    marker_y: float | None
+    label_x: float            # centre of the bin, for its count
+    count_label: str
+
+
+@dataclass(frozen=True)
+class ReliabilityChart:
+    frame: Frame
+    bars: list[ReliabilityBar]
+    ticks: list[Tick]
+    diagonal: str
+    count_y: float            # baseline of the count row
+    total: int
+
+
+def compact_count(n: int) -> str:
+    """A count short enough for a bin ten units wide: 999, 1.2k, 12k, 1.2M."""
+    if n < 1000:
+        return str(n)
+    for div, suffix in ((1_000_000, "M"), (1000, "k")):
+        if n >= div:
+            v = n / div
+            return f"{v:.1f}{suffix}" if v < 10 else f"{v:.0f}{suffix}"
+    return str(n)  # pragma: no cover
+
+
+def reliability_bars(bins: Sequence[dict[str, Any]], frame: Frame = RELIABILITY_FRAME,
+                     gap: float = 1.5) -> list[ReliabilityBar]:
+    """Geometry of metrics.json's ``reliability`` bins: each bar spans its bin (less ``gap`` on each side) and is
+    as tall as the bin's accuracy; an empty bin has no bar (height 0) but keeps its count, 0."""
+    largest = max((int(b.get("count") or 0) for b in bins), default=0)
+    result = []
+    for b in bins:
+        lo, hi, count = float(b["lo"]), float(b["hi"]), int(b.get("count") or 0)
+        acc = b.get("accuracy") if count else None
+        conf = b.get("confidence") if count else None
+        x0, x1 = frame.x(lo), frame.x(hi)
+        width = max(0.0, x1 - x0 - 2 * gap)
+        top = frame.y(acc) if acc is not None else frame.bottom
+        result.append(ReliabilityBar(
+            lo=lo, hi=hi, count=count, accuracy=acc, confidence=conf,
+            x=round(x0 + gap, 2), y=top, width=round(width, 2), height=round(frame.bottom - top, 2),
+            opacity=round(0.3 + 0.7 * count / largest, 2) if count and largest else 0.0,
+            marker_x=frame.x(conf) if conf is not None and acc is not None else None,
+            marker_y=frame.y(acc) if conf is not None and acc is not None else None,
+            label_x=round((x0 + x1) / 2, 2), count_label=compact_count(count),
+        ))
+    return result
+
+
+def reliability_chart(classification: dict[str, Any], frame: Frame = RELIABILITY_FRAME) -> ReliabilityChart | None:
+    """The reliability diagram of a metrics.json ``classification`` block; None without ``reliability``."""
+    bins = classification.get("reliability")
+    if not bins:
+        return None
+    bars_ = reliability_bars(bins, frame)
+    return ReliabilityChart(frame, bars_, ticks(frame), svg_path([(frame.x(0), frame.y(0)), (frame.x(1), frame.y(1))]),
+                            count_y=round(frame.bottom + 40.0, 2), total=sum(b.count for b in bars_))
 
 
 # --------------------------------------------------------------------------------------------- rendering

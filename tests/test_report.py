@@ -124,6 +124,68 @@ def test_confusion_rows_mark_the_diagonal() -> None:
     assert report.confusion_rows({}) == []
 
 
+
+# ------------------------------------------------------------------------------------- evidence chart geometry
+
+
+def test_frame_maps_unit_square_with_y_upwards() -> None:
+    f = report.Frame(left=10, top=5, size=100, width=120, height=130)
+    assert (f.x(0), f.y(0)) == (10, 105)        # data origin: bottom left
+    assert (f.x(1), f.y(1)) == (110, 5)         # (1, 1): top right
+    assert (f.x(0.25), f.y(0.75)) == (35, 30)
+    assert (f.x(-0.2), f.y(1.5)) == (10, 5)     # clipped to the frame
+    assert f.view_box == "0 0 120 130"
+
+
+def test_perfect_classifier_roc_goes_through_the_top_left_corner() -> None:
+    f = report.Frame(left=0, top=0, size=100)
+    points = report.roc_points([0.0, 0.0, 1.0], [0.0, 1.0, 1.0], f)
+    assert points == [(0, 100), (0, 0), (100, 0)]  # (fpr 0, tpr 1) is the top left corner
+    assert report.svg_path(points) == "M0,100 L0,0 L100,0"
+    # A chance-level curve lies on the diagonal; repeated points collapse.
+    assert report.roc_points([0, 0.5, 0.5, 1], [0, 0.5, 0.5, 1], f) == [(0, 100), (50, 50), (100, 0)]
+    with pytest.raises(ValueError):
+        report.roc_points([0, 1], [0, 0.5, 1], f)
+    assert report.svg_path([]) == ""
+
+
+def test_roc_chart_leaves_out_a_class_without_a_curve() -> None:
+    cls = {"class_order": ["normal", "benign", "malignant"],
+           "roc_auc": {"normal": 1.0, "benign": 0.75, "malignant": None},
+           "roc_curves": {"normal": {"fpr": [0, 0, 1], "tpr": [0, 1, 1]},
+                          "benign": {"fpr": [0, 0.5, 1], "tpr": [0, 1, 1]}, "malignant": None}}
+    chart = report.roc_chart(cls)
+    assert [c.name for c in chart.curves] == ["normal", "benign"] and chart.missing == ["malignant"]
+    assert [c.auc for c in chart.curves] == [1.0, 0.75]
+    f = chart.frame
+    assert f"L{f.x(0):g},{f.y(1):g}" in chart.curves[0].path           # through (0, 1)
+    assert chart.diagonal == f"M{f.x(0):g},{f.y(0):g} L{f.x(1):g},{f.y(1):g}"
+    assert chart.curves[0].colour != chart.curves[1].colour
+    assert report.roc_chart({"roc_auc": {"normal": 0.5}}) is None    # an older metrics.json: no chart
+
+
+def test_reliability_bar_heights_follow_accuracy() -> None:
+    f = report.Frame(left=0, top=0, size=100)
+    bins = [{"lo": 0.0, "hi": 0.5, "count": 0, "confidence": None, "accuracy": None},
+            {"lo": 0.5, "hi": 1.0, "count": 4, "confidence": 0.75, "accuracy": 0.5},
+            {"lo": 0.5, "hi": 1.0, "count": 2, "confidence": 0.9, "accuracy": 1.0}]
+    empty, half, full = report.reliability_bars(bins, f, gap=1)
+    assert half.height == 50 and half.y == 50                        # accuracy 0.5: half the plot's height
+    assert full.height == 100 and full.y == 0
+    assert half.x == 51 and half.width == 48                         # the bin's span less the gap each side
+    assert (half.marker_x, half.marker_y) == (75, 50)                # (mean confidence, accuracy)
+    assert empty.height == 0 and empty.marker_x is None and empty.count_label == "0"
+    assert half.opacity == 1.0 and 0.3 < full.opacity < half.opacity and empty.opacity == 0.0  # more images, darker
+    chart = report.reliability_chart({"reliability": bins})
+    assert chart.total == 6 and chart.count_y > chart.frame.bottom
+    assert report.reliability_chart({"accuracy": 0.5}) is None
+
+
+def test_compact_count_fits_a_bin() -> None:
+    assert [report.compact_count(n) for n in (0, 999, 1000, 1250, 12_400, 2_500_000)] == [
+        "0", "999", "1.0k", "1.2k", "12k", "2.5M"]
+
+
 def test_renditions_are_small_jpegs_never_enlarged() -> None:
     image = np.random.default_rng(0).integers(0, 255, (1000, 600), dtype=np.uint8)
     small = downscale(image, 512)
@@ -223,6 +285,8 @@ def test_pdf_summary_has_disclaimer_and_the_metrics(run_pdf: tuple[Path, Path]) 
         assert f"{name} {pc['sensitivity']:.3f} {pc['specificity']:.3f}" in summary
     assert "broken.png" in summary and "not a readable image" in summary  # errors with their reasons
     assert "mm²" in summary  # pixel size given: areas in mm²
+    assert f"Expected calibration error (ECE) {cls['ece']:.3f} 95% CI {cls['ece_ci95'][0]:.3f}" in summary
+    assert "ROC curves" in summary and "Reliability diagram" in summary
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["sha256"] in summary.replace(" ", "")
 
@@ -443,3 +507,64 @@ def test_remove_stale_keeps_this_reports_files_and_fresh_chunk_folders(tmp_path:
     os.utime(old, (0, 0))
     remove_stale(tmp_path, keep={"00001-overlay.jpg"})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".report-new", "00001-overlay.jpg"]
+
+
+# ------------------------------------------------------------------- evidence charts in a hand-made run folder
+
+
+def hand_run(tmp_path: Path, classification: dict) -> Path:
+    """A finished run folder written by hand (no model): three rows with ground truth, and the given metrics."""
+    from busi_batch.records import write_json, write_results_csv
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_json(out / "run.json", {"input": str(tmp_path / "gone"), "status": "complete",
+                                  "counts": {"found": 3, "ok": 3, "error": 0}, "model": {"name": "m", "version": "1"}})
+    write_results_csv(out / "predictions.csv", [
+        ok_row(image="a.png", true_class="benign", dice=0.8, iou=0.7, truth_area_px=90),
+        ok_row(image="b.png", pred_class="normal", lesion_area_px=0, true_class="normal", dice=1.0, iou=1.0,
+               truth_area_px=0),
+        ok_row(image="c.png", true_class="malignant", confidence=0.7, dice=0.2, iou=0.1, truth_area_px=50)])
+    old = {"n_images": 3, "class_order": ["normal", "benign", "malignant"], "accuracy": 2 / 3,
+           "accuracy_ci95": [0.0, 1.0], "mcc": 0.5, "mcc_ci95": [0.0, 1.0], "f1_weighted": 0.5, "f1_macro": 0.5,
+           "precision_weighted": 0.5, "recall_weighted": 0.5, "confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 1, 0]],
+           "per_class": {n: {"sensitivity": 1.0, "specificity": 1.0, "precision": 1.0, "f1": 1.0, "support": 1}
+                         for n in ("normal", "benign", "malignant")},
+           "roc_auc": {"normal": 1.0, "benign": 0.5, "malignant": None}}
+    write_json(out / "metrics.json", {"classification": {**old, **classification}, "segmentation": {}})
+    return out
+
+
+EVIDENCE = {
+    "ece": 0.1234, "ece_ci95": [0.0456, 0.3012],
+    "reliability": [{"lo": k / 10, "hi": (k + 1) / 10, "count": 0 if k < 6 else 1,
+                     "confidence": None if k < 6 else k / 10 + 0.05, "accuracy": None if k < 6 else 0.5}
+                    for k in range(10)],
+    "roc_curves": {"normal": {"fpr": [0, 0, 1], "tpr": [0, 1, 1]}, "benign": {"fpr": [0, 0.5, 1], "tpr": [0, 0.5, 1]},
+                   "malignant": None},
+}
+
+
+def test_summary_html_draws_roc_and_reliability_with_ece(tmp_path: Path) -> None:
+    out = hand_run(tmp_path, EVIDENCE)
+    html_path = tmp_path / "r.html"
+    report.render_report(out, html_path, pages="none", processes=1)
+    html = html_path.read_text(encoding="utf-8")
+    assert html.count('<svg class="plot roc"') == 1 and html.count('<svg class="plot reliability"') == 1
+    assert len(re.findall(r'class="roc-curve" data-class="(\w+)"', html)) == 2  # malignant has no curve
+    assert "malignant: no ROC curve" in html
+    assert "normal: AUC 1.000" in html and "benign: AUC 0.500" in html
+    assert len(re.findall(r'<rect class="bin"', html)) == 4                   # one bar per non-empty bin
+    assert "Expected calibration error (ECE)</th><td>0.123" in html
+    assert "ECE 0.123</strong>" in html and "95% CI 0.046–0.301" in html
+    assert "1 − specificity" in html and "sensitivity" in html
+    assert "not a diagnostic device" in html
+
+
+def test_summary_renders_an_older_metrics_json_without_the_charts(tmp_path: Path) -> None:
+    out = hand_run(tmp_path, {})
+    html_path = tmp_path / "r.html"
+    report.render_report(out, html_path, pages="none", processes=1)
+    html = html_path.read_text(encoding="utf-8")
+    assert "Confusion matrix" in html and "Accuracy" in html                # the rest of the section is there
+    assert "<svg" not in html and "ECE" not in html and "Discrimination and calibration" not in html
