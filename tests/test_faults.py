@@ -209,12 +209,13 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
         proc = start_run(fault_study, out, tiny_weights, "-b", "2", "-j", "2")
         if attempt == 0:
             time.sleep(rng.uniform(0.2, 3.0))  # anywhere: start-up, model load, discovery or inference
-            finished_first = proc.poll() is not None  # on a fast idle machine the whole run can fit in that
         else:
             # rows done (CSV and journal: a run folds the journal it finds into the CSV as it starts)
             before = len(runfolder.previous_rows(out))
             assert wait_for(lambda: len(runfolder.previous_rows(out)) > before, proc=proc), proc.communicate()[1]
-            time.sleep(rng.uniform(0.0, 0.6))  # somewhere in the inference
+            # at once: a tiny model on 36 small images finishes its inference in about 0.2 s on an idle machine,
+            # and a later kill would leave the next attempt nothing to be killed in the middle of
+            time.sleep(rng.uniform(0.0, 0.03))
         os.killpg(proc.pid, signal.SIGSTOP)  # frozen: what is checked next is the moment of the kill
         if attempt > 0:  # proven mid-inference: the run had started writing rows and had not finished
             assert proc.poll() is None and json.loads((out / pipeline.RUN_JSON).read_text())["status"] == "running"
@@ -227,8 +228,8 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
         proc.wait(timeout=60)
         assert_no_orphans(proc.pid, within=20)  # orphaned decoding workers notice and leave (PyTorch watchdog)
         assert_valid_state(out)
-        if attempt == 0 and finished_first:
-            shutil.rmtree(out)  # the later attempts must find work left, to be killed in the middle of it
+        if attempt == 0:  # its folder was valid; the next attempts need work left to be killed in the middle of
+            shutil.rmtree(out, ignore_errors=True)
     assert kills_mid_inference == 2
     done_before = len(runfolder.previous_rows(out))
 
