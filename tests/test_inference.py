@@ -48,8 +48,10 @@ def test_bf16_is_part_of_the_resume_settings_and_fp32_keeps_the_old_key(tiny_wei
 
 
 def test_bf16_forward_agrees_with_fp32_on_the_shipped_model(sample_study: Path) -> None:
-    """The same classes and nearly the same lesion probabilities (measured on 405 BUSI images: the same class
-    for every one, masks at Dice >= 0.98; ``python benchmarks/precision_agreement.py``)."""
+    """The same classes and nearly the same lesion probabilities on the sample study. bf16 moves busi_unet_v2
+    more than it moved v1 (its depthwise convolutions run in bf16): on the 156 test images the same class for
+    155, largest class-probability gap 0.18, mean mask Dice 0.981 (``python benchmarks/precision_agreement.py
+    --folds test``); on the sample study the largest gap is 0.024."""
     items = discover(sample_study).items
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -57,7 +59,7 @@ def test_bf16_forward_agrees_with_fp32_on_the_shipped_model(sample_study: Path) 
         runs[precision] = list(predict(loaded, items, batch_size=4, workers=0, with_truth=False))
     for a, b in zip(runs["fp32"], runs["bf16"]):
         assert np.argmax(a.probabilities) == np.argmax(b.probabilities)
-        assert np.abs(a.probabilities - b.probabilities).max() < 0.02
+        assert np.abs(a.probabilities - b.probabilities).max() < 0.05
         assert np.mean((a.lesion_probability >= 0.5) != (b.lesion_probability >= 0.5)) < 0.01
 
 
