@@ -8,7 +8,7 @@ folds this finds thin bright structures (white top-hat of the grey image above `
 versions. It reports how often the class changes, how far the class probabilities move, the Dice between the two
 masks, and lesion Dice against the ground truth before and after.
 
-    python benchmarks/annotation_sensitivity.py --weights busi_batch/weights/busi_unet_v2.pt --folds test
+    python benchmarks/annotation_sensitivity.py --weights busi_batch/weights/busi_unet_v3.pt --folds test
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/ is not in
 from busi_batch.classes import CLASS_NAMES  # noqa: E402
 from busi_batch.discover import ImageItem  # noqa: E402
 from busi_batch.imageio import load_image  # noqa: E402
-from busi_batch.inference import predict  # noqa: E402
+from busi_batch.inference import predict_images  # noqa: E402
 from busi_batch.metrics import dice_score  # noqa: E402
 from busi_batch.model import load_model  # noqa: E402
 from busi_batch.postprocess import lesion_mask  # noqa: E402
@@ -53,7 +53,7 @@ def painted_out(image: np.ndarray, marks: np.ndarray) -> np.ndarray:
 def answers(loaded, items: list[ImageItem]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     rules = loaded.card.mask_rules()
     out = []
-    for pred in predict(loaded, items, batch_size=16):
+    for pred in predict_images(loaded, items, batch_size=16):
         top = CLASS_NAMES[int(np.argmax(pred.probabilities))]
         mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, top, rules)
         out.append((pred.probabilities, mask, pred.truth_mask))

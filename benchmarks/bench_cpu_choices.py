@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from busi_batch import inference
+from busi_batch import loader
 from busi_batch.classes import CLASS_NAMES
 from busi_batch.discover import discover
 from busi_batch.imageio import decode_input, encode_mask_png, read_bytes
-from busi_batch.inference import forward_probabilities, tune_cpu_allocator
+from busi_batch.inference import forward_probabilities
 from busi_batch.model import load_model
 from busi_batch.postprocess import lesion_count, lesion_mask
 from busi_batch.preprocess import model_input
+from busi_batch.runtime import tune_cpu_allocator
 from busi_batch.synthetic import write_study
 
 
@@ -106,15 +107,15 @@ class _OpenGate:
 def gate(study: Path, out: Path) -> None:
     from busi_batch.pipeline import RunConfig, run
 
-    shipped = inference.DecodeGate
+    shipped = loader.DecodeGate
     for label, factory in (("with the gate", shipped), ("without it", _OpenGate)):
-        inference.DecodeGate = factory
+        loader.DecodeGate = factory
         try:
             start = time.perf_counter()
             run(RunConfig(study=study, out=out / label.replace(" ", "-"), force=True))
             print(f"  {label:14s} {time.perf_counter() - start:5.2f} s for the run (workers 2, batch 16)")
         finally:
-            inference.DecodeGate = shipped
+            loader.DecodeGate = shipped
 
 
 def main() -> None:

@@ -131,8 +131,8 @@ def child(study: Path, out: Path, weights: Path, batch_size: int, workers: int, 
     from busi_batch import inference
     from busi_batch.pipeline import RunConfig, run
 
-    if allocator == "glibc":  # glibc's defaults: skip inference.tune_cpu_allocator's mallopt calls
-        inference.tune_cpu_allocator = lambda: None
+    if allocator == "glibc":  # glibc's defaults: skip runtime.tune_cpu_allocator's mallopt calls
+        inference.tune_cpu_allocator = lambda: None  # the name predict calls it by
 
     sampler = TreeRss()
     sampler.start()
@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint (default: random weights, shipped architecture)")
     parser.add_argument("--repeat", type=int, default=1, help="fresh runs per size; the largest peak counts")
     parser.add_argument("--allocator", choices=("tuned", "glibc"), default="tuned",
-                        help="tuned: as shipped (inference.tune_cpu_allocator); glibc: the C library's defaults")
+                        help="tuned: as shipped (runtime.tune_cpu_allocator); glibc: the C library's defaults")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=3, metavar=("STUDY", "OUT", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -39,11 +39,12 @@ from pypdf import PdfReader
 def measure(run_dir: Path, target: Path, processes: int, baseline: bool, pages: str) -> dict:
     """Render once in this (fresh) process and report what it cost."""
     from busi_batch import report
+    from busi_batch.report import pdf, render
 
     if baseline:
-        report.MIN_PAGES_FOR_POOL = 10**9          # renditions in this process too
-        report.CHUNK_PAGES = 10**9                 # one WeasyPrint document for every page
-        report._chunks = lambda entries, workers: [entries] if entries else []
+        render.MIN_PAGES_FOR_POOL = 10**9          # renditions in this process too
+        pdf.CHUNK_PAGES = 10**9                    # one WeasyPrint document for every page
+        pdf.split_pages = lambda entries, workers: [entries] if entries else []
         processes = 1
     sampler = TreeRss()
     sampler.start()

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/ is not installed; run from anywhere
 
 from busi_batch.classes import CLASS_NAMES  # noqa: E402
-from busi_batch.inference import predict  # noqa: E402
+from busi_batch.inference import predict_images  # noqa: E402
 from busi_batch.metrics import dice_score  # noqa: E402
 from busi_batch.model import load_model  # noqa: E402
 from busi_batch.postprocess import lesion_mask  # noqa: E402
@@ -29,7 +29,7 @@ def answers(precision: str, items: list, weights: Path | None) -> list[tuple[np.
     loaded = load_model(weights, precision=precision)
     rules = loaded.card.mask_rules()
     out = []
-    for pred in predict(loaded, items, batch_size=16, workers=2, with_truth=False):
+    for pred in predict_images(loaded, items, batch_size=16, workers=2, with_truth=False):
         top = CLASS_NAMES[int(np.argmax(pred.probabilities))]
         out.append((pred.probabilities, lesion_mask(pred.lesion_probability, pred.height, pred.width, top, rules)))
     return out

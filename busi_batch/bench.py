@@ -35,11 +35,14 @@ from . import __version__
 from .discover import ImageItem, discover
 from .errors import ImageDecodeError, UsageError
 from .imageio import atomic_write_bytes, decode_input, encode_mask_png, read_bytes
-from .inference import Prediction, forward_probabilities, select_device, select_precision, tune_cpu_allocator
+from .inference import Prediction, forward_probabilities
 from .model import LoadedModel, load_model
-from .pipeline import RunConfig, mask_relpaths, result_from_prediction, run, settings_key
+from .pipeline import RunConfig, run
 from .preprocess import model_input
 from .records import STATUS_ERROR, ImageResult, write_results_csv
+from .rows import result_from_prediction, settings_key
+from .runfolder import mask_relpaths
+from .runtime import select_device, select_precision, tune_cpu_allocator
 from .synthetic import write_study
 
 

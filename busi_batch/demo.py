@@ -2,9 +2,9 @@
 
 For quick looks at single images, for teaching, and for checking a model before a long batch job. Every number
 on the page comes from the same functions as ``busi-batch run``: :func:`busi_batch.inference.predict` (decode,
-preprocess, forward pass), :func:`busi_batch.pipeline.result_from_prediction` (mask at input size, area, count,
-the CSV row), :mod:`busi_batch.metrics` (Dice, IoU) and :func:`busi_batch.overlay.outline_overlay`. This module
-only arranges their results on a page, so the demo cannot drift from the batch tool.
+preprocess, forward pass), :func:`busi_batch.rows.result_from_prediction` (mask at input size, area, count,
+the CSV row), :func:`busi_batch.rows.score_masks` (Dice, IoU) and :func:`busi_batch.overlay.outline_overlay`. This
+module only arranges their results on a page, so the demo cannot drift from the batch tool.
 
 Gradio is an optional extra (``pip install "busi-batch[demo]"``), imported only when the demo starts; nothing
 else in busi-batch imports this module. Nothing leaves the machine: Gradio's analytics, Hugging Face telemetry,
@@ -25,26 +25,26 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from . import __version__, metrics
+from . import __version__
 from .classes import CLASS_NAMES
 from .discover import IMAGE_SUFFIXES, ImageItem, discover
 from .errors import BusiBatchError, ImageDecodeError, UsageError
 from .imageio import atomic_write_bytes, encode_png, load_image
-from .inference import predict, select_device, select_precision
+from .inference import predict
 from .model import LoadedModel, ModelCard, load_model
 from .overlay import outline_overlay
-from .pipeline import result_from_prediction, settings_key
-from .postprocess import lesion_area
 from .records import STATUS_ERROR, ImageResult
+from .rows import result_from_prediction, settings_key, with_truth
+from .runtime import select_device, select_precision
 
-log = logging.getLogger("busi_batch")
+logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEFAULT_HOST = "127.0.0.1"
@@ -131,24 +131,18 @@ def example_label(item: ImageItem) -> str:
 
 def analyse(loaded: LoadedModel, item: ImageItem, pixel_size_mm: float | None = None) -> DemoResult:
     """Run one image through exactly the path ``busi-batch run`` uses; a bad file gives an error row, not a raise."""
-    prediction = next(iter(predict(loaded, [item], batch_size=1, workers=0, with_truth=True)))
+    prediction = next(predict(loaded, [item], batch_size=1, workers=0, with_truth=True)).predictions[0]
     row, mask = result_from_prediction(
         item, prediction, loaded, mask_rel="", settings=settings_key(loaded, tta=False), pixel_size_mm=pixel_size_mm
     )
-    row.true_class = item.true_class or ""
     if mask is None:
-        return DemoResult(row=row)
+        return DemoResult(row=with_truth(row, item))
     try:
         image = load_image(item.path)
     except ImageDecodeError as err:  # the file changed between the two reads
-        row.status, row.error = STATUS_ERROR, str(err)
-        return DemoResult(row=row)
+        return DemoResult(row=replace(with_truth(row, item), status=STATUS_ERROR, error=str(err)))
     truth = prediction.truth_mask
-    row.truth_error = prediction.truth_error or ""
-    if truth is not None:
-        row.dice = metrics.dice_score(mask, truth)
-        row.iou = metrics.iou_score(mask, truth)
-        row.truth_area_px = lesion_area(truth)
+    row = with_truth(row, item, mask, truth, prediction.truth_error or "")
     overlay = cv2.cvtColor(outline_overlay(image, mask, truth), cv2.COLOR_BGR2RGB)
     return DemoResult(row=row, overlay_rgb=overlay, mask=mask, truth=truth)
 
@@ -437,19 +431,19 @@ def serve(config: DemoConfig) -> None:
     loaded = load_model(config.weights, device, select_precision(config.precision, device))
     page = build_app(loaded, example_items(), config.pixel_size_mm)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this machine can use the demo and see its results",
+        logger.warning("listening on %s: anyone who can reach this machine can use the demo and see its results",
                     config.host)
     try:
         _, url, _ = page.launch(**launch_options(config))
     except OSError as err:
         raise BusiBatchError(f"cannot serve on {config.host}:{config.port}: {err}") from err
-    log.info("busi-batch demo (%s %s) serving on %s; Ctrl-C to stop. %s", loaded.card.name, loaded.card.version,
+    logger.info("busi-batch demo (%s %s) serving on %s; Ctrl-C to stop. %s", loaded.card.name, loaded.card.version,
              url, DISCLAIMER)
     with _sigterm_as_interrupt():
         try:
             while page.is_running:
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            log.info("busi-batch demo: stopping")
+            logger.info("busi-batch demo: stopping")
         finally:
             page.close(verbose=False)

@@ -33,9 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .classes import CLASS_NAMES
-from .dicom import (
-    DicomHeader, DicomIdentifiers, frame_name, phi_values, pseudonym, read_header, scrub_text, sniff_dicom,
-)
+from .dicom import DicomHeader, anonymous_name, frame_name, phi_values, read_header, scrub_text, sniff_dicom
 from .errors import ImageDecodeError, UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -203,12 +201,8 @@ def _file_names(candidates: list[_Candidate], phi: frozenset[str], anonymize: bo
     names: dict[str, str] = {}
     taken: set[str] = set()
     for c in candidates:
-        if not anonymize:
-            name = c.rel
-        elif c.is_dicom:
-            name = pseudonym(c.header.identifiers if c.header else DicomIdentifiers(), c.rel)
-        else:
-            name = scrub_text(c.rel, phi)
+        identifiers = c.header.identifiers if c.header else None
+        name = anonymous_name(c.rel, phi, c.is_dicom, identifiers) if anonymize else c.rel
         if name in taken:  # the same SOP instance twice, or two paths that differ only by what was scrubbed
             name = f"{name}~{hashlib.sha1(c.rel.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
         taken.add(name)

@@ -40,3 +40,13 @@ class ImageDecodeError(Exception):
 
 class OutputWriteError(BusiBatchError):
     """Writing into the output folder failed (disk full, permissions): fatal, nothing partial is left."""
+
+
+class DecodingWorkerDied(RuntimeError):
+    """A decoding worker process ended mid-run (killed by a signal or the OOM killer, or exited): the batches it
+    held never come.
+
+    Raised by the iteration of ``inference.predict`` (``loader``), or wherever the main thread is when PyTorch's
+    SIGCHLD watch sees the death first. Not a BusiBatchError: the caller decides what it means for a run. A
+    RuntimeError, as PyTorch's own report of a dead worker is; the message starts with "DataLoader worker".
+    """

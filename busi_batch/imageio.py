@@ -37,11 +37,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dicom import decode_dicom, is_dicom_bytes
 from .errors import ImageDecodeError, OutputWriteError
-
-#: Refuse images above this many pixels (about 12,000 x 8,300): far beyond any ultrasound frame, and small
-#: enough that one decode cannot exhaust memory.
-MAX_PIXELS = 100_000_000
+from .limits import MAX_PIXELS
 
 #: Refuse files above this size before reading them (an uncompressed 16-bit RGB image at ``MAX_PIXELS`` is 600 MB).
 MAX_FILE_BYTES = 1 << 30
@@ -140,12 +138,6 @@ def _other_format(data: bytes) -> str | None:
                 return str(im.format)
     except Exception:  # any failure just means "unknown"
         return None
-
-
-def image_header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as stored, from the header alone; ImageDecodeError if the bytes are no supported image."""
-    header = read_header(data)
-    return header.width, header.height
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -291,9 +283,7 @@ def decode_input(data: bytes, frame: int | None = None, max_pixels: int = MAX_PI
 
     The one dispatch point, so a run, a report picture and the resume hash all see the same pixels of a file.
     """
-    if frame is not None or data[128:132] == b"DICM":
-        from .dicom import decode_dicom  # pydicom is an optional extra: imported only when a DICOM file shows up
-
+    if frame is not None or is_dicom_bytes(data):
         return decode_dicom(data, frame or 1, max_pixels=max_pixels).pixels
     return decode_image(data, max_pixels=max_pixels)
 

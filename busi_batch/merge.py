@@ -1,9 +1,10 @@
 """``busi-batch merge``: the output folders of ``--shard I/N`` runs -> one output folder, as one run would write it.
 
 The merged folder holds what an unsharded run of the same study with the same model would have written: every
-row (sorted by image path, the order of a run), the masks, ``metrics.json`` recomputed from the merged rows with
-the same function a run uses, and a ``run.json`` with the provenance of every shard. It is also a valid folder
-to resume: ``busi-batch run STUDY --out ALL`` afterwards only does what changed.
+row (sorted by image path, the order of a run), the masks, the shards' ``ground_truth.json`` joined,
+``metrics.json`` recomputed from the merged rows with the same function a run uses, and a ``run.json`` with the
+provenance of every shard. It is also a valid folder to resume: ``busi-batch run STUDY --out ALL`` afterwards
+only does what changed.
 
 Merge refuses, naming the folder and the reason, rather than produce a plausible but wrong whole:
 
@@ -32,15 +33,15 @@ from typing import Any
 from . import __version__
 from .errors import BusiBatchError, ImageDecodeError, UsageError
 from .imageio import read_bytes
-from .pipeline import compute_metrics
+from .metrics import compute_metrics
 from .records import ImageResult, printable, read_results_csv
 from .runfolder import (
     CSV_NAME, JOURNAL_NAME, RUN_JSON, STATUS_COMPLETE, RunCounts, RunFolder, RunRecord, claim, now_iso,
-    output_lock, read_run_record, shared_lock,
+    output_lock, read_run_record, read_truth_masks, shared_lock,
 )
 from .shard import Shard, missing_shards
 
-log = logging.getLogger("busi_batch")
+logger = logging.getLogger(__name__)
 
 
 class MergeError(BusiBatchError):
@@ -219,6 +220,8 @@ def merge_outputs(folders: list[Path], out: Path) -> MergeSummary:
         target.sync()  # every mask durable before the rows that describe them
         summary.metrics = compute_metrics(rows)
         target.finish(rows, summary.metrics)
+        target.write_truth_masks(dict(sorted(
+            (name, paths) for o in outputs for name, paths in read_truth_masks(o.folder).items())))
         summary.ok = sum(r.ok for r in rows)
         summary.error_rows = [(r.image, r.error) for r in rows if not r.ok]
         summary.errors = len(summary.error_rows)

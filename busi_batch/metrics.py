@@ -19,7 +19,7 @@ Definitions (also in the README and restated inside every ``metrics.json``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -31,6 +31,11 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from .classes import CLASS_NAMES, class_index
+
+if TYPE_CHECKING:
+    from .records import ImageResult
 
 EMPTY_MASK_RULE = (
     "both masks empty = 1.0; exactly one empty (missed lesion, or lesion predicted where there is none) = 0.0"
@@ -84,6 +89,52 @@ def segmentation_metrics(
         "n_without_lesion": int(empty.sum()),
         "empty_mask_rule": EMPTY_MASK_RULE,
     }
+
+
+def metrics_json(
+    true_classes: Sequence[int] = (),
+    predicted_classes: Sequence[int] = (),
+    probabilities: np.ndarray | None = None,
+    dice: Sequence[float] = (),
+    iou: Sequence[float] = (),
+    truth_has_lesion: Sequence[bool] = (),
+    pred_has_lesion: Sequence[bool] = (),
+    class_names: Sequence[str] = CLASS_NAMES,
+    n_boot: int = 1000,
+) -> dict[str, Any] | None:
+    """The content of ``metrics.json``, and its only builder (a run, a merge and training's evaluation).
+
+    ``definitions`` (this module's docstring); ``classification`` of the labelled images (true and predicted
+    class indices, class probabilities) when there are any; ``segmentation`` of the scored masks when there are
+    any. None when there is neither.
+    """
+    if not len(true_classes) and not len(dice):
+        return None
+    result: dict[str, Any] = {"definitions": (__doc__ or "").strip()}
+    if len(true_classes):
+        result["classification"] = classification_metrics(
+            true_classes, predicted_classes, probabilities, class_names, n_boot=n_boot
+        )
+    if len(dice):
+        result["segmentation"] = segmentation_metrics(dice, iou, truth_has_lesion, pred_has_lesion)
+    return result
+
+
+def compute_metrics(rows: Sequence[ImageResult]) -> dict[str, Any] | None:
+    """:func:`metrics_json` of ``predictions.csv`` rows: classification over the ``ok`` rows with a true class,
+    segmentation over the ``ok`` rows with a Dice. Rows as the CSV holds them (``records.as_written``), so the
+    result can always be recomputed from ``predictions.csv`` alone."""
+    labelled = [r for r in rows if r.ok and r.true_class]
+    segmented = [r for r in rows if r.ok and r.dice is not None]
+    return metrics_json(
+        true_classes=[class_index(r.true_class) for r in labelled],
+        predicted_classes=[class_index(r.pred_class) for r in labelled],
+        probabilities=np.array([[r.p_normal, r.p_benign, r.p_malignant] for r in labelled], dtype=float),
+        dice=[r.dice for r in segmented],
+        iou=[r.iou for r in segmented],
+        truth_has_lesion=[(r.truth_area_px or 0) > 0 for r in segmented],
+        pred_has_lesion=[(r.lesion_area_px or 0) > 0 for r in segmented],
+    )
 
 
 def specificity_per_class(cm: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from .postprocess import MaskRules
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: How a loaded network's forward pass can run: float32, or bfloat16 under autocast (weights stay float32).
 FORWARD_PRECISIONS = ("fp32", "bf16")
-DEFAULT_MODEL_NAME = "busi_unet_v2"
+DEFAULT_MODEL_NAME = "busi_unet_v3"
 
 
 @dataclass(frozen=True)
@@ -215,9 +215,10 @@ def build_network(architecture: dict[str, Any]) -> nn.Module:
     return network_class(config_class(**architecture))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelCard:
-    """Everything a user (and the report) needs to know about a checkpoint.
+    """Everything a user (and the report) needs to know about a checkpoint (frozen: a changed card is
+    ``dataclasses.replace(card, ...)``).
 
     ``metrics`` holds the held-out test metrics in the ``metrics.json`` schema; ``temperature`` divides the class
     logits before the softmax (1.0 = uncalibrated); ``threshold``, ``min_component_fraction`` and
@@ -275,7 +276,7 @@ class LoadedModel:
     card: ModelCard
     weights_path: Path
     sha256: str
-    #: "fp32", or "bf16" for the forward pass under autocast (``inference.select_precision`` decides).
+    #: "fp32", or "bf16" for the forward pass under autocast (``runtime.select_precision`` decides).
     precision: str = "fp32"
 
 

@@ -22,6 +22,10 @@ hash, not modification time), ``model_sha256`` and ``settings`` (TTA, mask rules
 Rows of images that are no longer in the study (or the shard) are dropped with their mask files (and counted in
 ``run.json``, ``removed_since_last_run``): the folder always describes the study as it is now.
 
+Scoring: a new row is scored against its ground truth (``rows.with_truth``) from the mask in memory as the mask is
+written, the truth decoded by the loader's workers; a kept row is scored again from its mask file, for the labels
+and the ground-truth masks may have changed since.
+
 DICOM input (``dicom``): discovery reads each object's header; a row's pixel size comes from that header's
 calibration and the lesion mask (``dicom.resolve_pixel_size``), ``--pixel-size`` only for inputs without any;
 the identifier columns come from the header too. Under ``--anonymize`` the patient columns stay empty, items are
@@ -38,7 +42,6 @@ normal shutdown. A fatal error mid-run (a full disk) saves what was done, marks 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import platform
@@ -46,10 +49,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,32 +60,36 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, metrics
-from .classes import CLASS_NAMES, class_index
-from .dicom import Calibration, PixelSize, resolve_pixel_size
+from . import __version__
+from .dicom import scrub_row
 from .discover import FRAMES_CHOICES, ImageItem, Study, discover
-from .errors import BusiBatchError, EmptyStudy, ImageDecodeError, OutputWriteError, RunInterrupted, UsageError
+from .errors import (
+    BusiBatchError, DecodingWorkerDied, EmptyStudy, ImageDecodeError, OutputWriteError, RunInterrupted, UsageError,
+)
 from .imageio import decode_image, encode_mask_png, load_truth_mask, read_bytes
-from .inference import Prediction, predict, release_free_memory, select_device, select_precision, worker_count
+from .inference import Prediction, predict
+from .loader import worker_count
+from .metrics import compute_metrics
 from .model import LoadedModel, load_model
-from .postprocess import lesion_area, lesion_count, lesion_mask
-from .records import STATUS_ERROR, STATUS_OK, ImageResult, as_written, printable
+from .records import ImageResult, as_written, printable
+from .rows import error_row, refresh_kept, result_from_prediction, settings_key, with_truth
 from .runfolder import (  # noqa: F401  (the folder's names, re-exported for callers that know them from here)
     CSV_NAME, JOURNAL_NAME, LOCK_NAME, MASKS_DIR, METRICS_JSON, RUN_JSON, STATUS_COMPLETE, STATUS_FAILED,
     STATUS_INTERRUPTED, STATUS_RUNNING, ModelRecord, RunCounts, RunFolder, RunIdentity, RunRecord,
     check_same_run, check_shard_matches, claim, mask_relpaths, now_iso, output_lock, plan_work, previous_rows,
     read_run_record,
 )
+from .runtime import release_free_memory, select_device, select_precision
 from .shard import Shard
 
-log = logging.getLogger("busi_batch")
+logger = logging.getLogger(__name__)
 
 #: ``predictions.csv`` is rewritten whole this often during a run (for whoever reads it meanwhile); the journal,
 #: not the CSV, is what makes each finished batch survive a kill, so this costs O(n) per 30 s, not per batch.
 FLUSH_EVERY_SECONDS = 30.0
 #: Batches written meanwhile are made durable together this often (one ``syncfs``); a kill loses at most this much.
 COMMIT_EVERY_SECONDS = 5.0
-#: How often freed heap memory goes back to the system during inference (see inference.release_free_memory).
+#: How often freed heap memory goes back to the system during inference (see runtime.release_free_memory).
 TRIM_EVERY_SECONDS = 5.0
 #: OS errors on one mask file that are about that file's name, not the output folder: a row error, not fatal.
 _PER_FILE_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
@@ -118,7 +125,7 @@ class RunConfig:
         return cls(study=study, out=Path(out), **options)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSummary:
     """What happened, for the exit code and the closing line."""
 
@@ -131,7 +138,7 @@ class RunSummary:
     removed: int = 0
     seconds: float = 0.0
     metrics: dict[str, Any] | None = None
-    error_rows: list[tuple[str, str]] = field(default_factory=list)
+    error_rows: tuple[tuple[str, str], ...] = ()
     shard: Shard | None = None
 
     @property
@@ -207,157 +214,27 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
-@contextmanager
-def _stop_signals_blocked() -> Iterator[None]:
-    """Block SIGTERM / SIGINT in this thread while DataLoader workers are forked: they inherit the mask.
-
-    Without it a signal sent to the process group kills the workers (PyTorch's worker SIGTERM handler exits
-    unless the parent sent it), and the main process fails mid-batch with "DataLoader worker ... killed". A
-    signal that arrives meanwhile is only deferred: it is delivered to the main process when the mask is
-    restored. (Fork start method, Linux's default before Python 3.14; the RuntimeError fallback in
-    ``_infer_and_write`` covers the others.)
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def settings_key(loaded: LoadedModel, tta: bool) -> str:
-    """What besides input and model changes a result: part of the resume check.
-
-    bf16 is named (its masks differ from fp32's in a few edge pixels); fp32 is not, so keys written before
-    the precision option existed still match.
-    """
-    key = f"{loaded.card.mask_rules().key()};tta={int(tta)}"
-    return key + (";precision=bf16" if loaded.precision == "bf16" else "")
-
-
-def identifier_columns(item: ImageItem, anonymize: bool) -> dict[str, Any]:
-    """The DICOM columns of an item's row: frame and UIDs always (the join keys), patient ID and study date only
-    without ``--anonymize``. Empty for other files."""
-    header = item.dicom
-    if header is None:
-        return {"frame": item.frame}
-    ids = header.identifiers
-    return {
-        "frame": item.frame, "study_uid": ids.study_uid, "series_uid": ids.series_uid, "sop_uid": ids.sop_uid,
-        "patient_id": "" if anonymize else header.patient.patient_id,
-        "study_date": "" if anonymize else header.patient.study_date,
-    }
-
-
-def pixel_size_columns(size: PixelSize, area_px: int | None) -> dict[str, Any]:
-    """``pixel_size_mm_x/y``, ``pixel_size_source`` and ``lesion_area_mm2`` of a row from its pixel size."""
-    return {
-        "pixel_size_mm_x": size.x_mm, "pixel_size_mm_y": size.y_mm, "pixel_size_source": size.source,
-        "lesion_area_mm2": size.area_mm2(area_px) if area_px is not None else None,
-    }
-
-
-def _calibration(item: ImageItem) -> Calibration | None:
-    return item.dicom.calibration if item.dicom is not None else None
-
-
-def refresh_kept(row: ImageResult, item: ImageItem, pixel_size_mm: float | None, anonymize: bool) -> ImageResult:
-    """A row kept from an earlier run, brought up to this run's options without redoing the image.
-
-    A DICOM object with any calibration keeps its pixel size (it depends only on the file and the mask, both
-    unchanged); any other input takes this run's ``--pixel-size`` (given, changed or dropped). The identifier
-    columns follow ``--anonymize``.
-    """
-    calibration = _calibration(item)
-    if calibration is None or not calibration.calibrated:
-        for key, value in pixel_size_columns(resolve_pixel_size(calibration, None, pixel_size_mm),
-                                             row.lesion_area_px).items():
-            setattr(row, key, value)
-    for key, value in identifier_columns(item, anonymize).items():
-        setattr(row, key, value)
+def _scored(
+    row: ImageResult, item: ImageItem, predicted: np.ndarray | None, truth: np.ndarray | None,
+    truth_error: str | None,
+) -> ImageResult:
+    """``rows.with_truth``, with a warning when the item's ground truth cannot be used."""
+    row = with_truth(row, item, predicted, truth, truth_error or "")
+    if row.truth_error:
+        logger.warning("%s: ground truth not used: %s", printable(item.name), row.truth_error)
     return row
 
 
-def result_from_prediction(
-    item: ImageItem, pred: Prediction, loaded: LoadedModel, mask_rel: str, settings: str,
-    pixel_size_mm: float | None, anonymize: bool = False,
-) -> tuple[ImageResult, np.ndarray | None]:
-    """The CSV row and the full-size binary mask for one prediction (no I/O).
-
-    The physical pixel size is chosen with the mask at the image's own size: a DICOM object's ultrasound region
-    is the one holding the lesion (see ``dicom``); ``pixel_size_mm`` only for inputs without calibration.
-    """
-    base = dict(image=item.name, input_sha256=pred.input_sha256, model_sha256=loaded.sha256, settings=settings,
-                **identifier_columns(item, anonymize))
-    if pred.error is not None:
-        return ImageResult(status=STATUS_ERROR, error=pred.error, **base), None
-    probs = pred.probabilities
-    top = int(np.argmax(probs))
-    mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, CLASS_NAMES[top], loaded.card.mask_rules())
-    area = lesion_area(mask)
-    row = ImageResult(
-        status=STATUS_OK,
-        pred_class=CLASS_NAMES[top],
-        confidence=float(probs[top]),
-        p_normal=float(probs[0]),
-        p_benign=float(probs[1]),
-        p_malignant=float(probs[2]),
-        lesion_area_px=area,
-        **pixel_size_columns(resolve_pixel_size(_calibration(item), mask, pixel_size_mm), area),
-        lesion_count=lesion_count(mask),
-        mask=mask_rel,
-        width=pred.width,
-        height=pred.height,
-        **base,
-    )
-    return row, mask
-
-
-def evaluate_row(row: ImageResult, item: ImageItem, out: Path) -> ImageResult:
-    """Fill ``true_class``, ``dice`` and ``iou`` from the item's ground truth and the written mask."""
-    row.true_class = item.true_class or ""
-    row.dice = row.iou = row.truth_area_px = None
-    row.truth_error = ""
+def _score_kept(row: ImageResult, item: ImageItem, out: Path) -> ImageResult:
+    """A row kept from an earlier run, scored against the item's ground truth as it is now, from its mask file."""
     if not (row.ok and item.truth_masks):
-        return row
+        return with_truth(row, item)
     try:
         predicted = decode_image(read_bytes(out / row.mask)) > 0
         truth = load_truth_mask(item.truth_masks, predicted.shape[:2])
     except ImageDecodeError as err:
-        row.truth_error = str(err)
-        log.warning("%s: ground truth not used: %s", printable(item.name), err)
-        return row
-    row.truth_area_px = lesion_area(truth)
-    row.dice = metrics.dice_score(predicted, truth)
-    row.iou = metrics.iou_score(predicted, truth)
-    return row
-
-
-def compute_metrics(rows: list[ImageResult]) -> dict[str, Any] | None:
-    """``metrics.json`` content from evaluated rows, or None when no row has ground truth."""
-    labelled = [r for r in rows if r.ok and r.true_class]
-    segmented = [r for r in rows if r.ok and r.dice is not None]
-    if not labelled and not segmented:
-        return None
-    result: dict[str, Any] = {"definitions": metrics.__doc__.strip()}
-    if labelled:
-        probs = np.array([[r.p_normal, r.p_benign, r.p_malignant] for r in labelled], dtype=float)
-        result["classification"] = metrics.classification_metrics(
-            [class_index(r.true_class) for r in labelled],
-            [class_index(r.pred_class) for r in labelled],
-            probs,
-            CLASS_NAMES,
-        )
-    if segmented:
-        result["segmentation"] = metrics.segmentation_metrics(
-            [r.dice for r in segmented],
-            [r.iou for r in segmented],
-            [(r.truth_area_px or 0) > 0 for r in segmented],
-            [(r.lesion_area_px or 0) > 0 for r in segmented],
-        )
-    return result
+        return _scored(row, item, None, None, str(err))
+    return _scored(row, item, predicted, truth, None)
 
 
 def run(config: RunConfig) -> RunSummary:
@@ -378,13 +255,13 @@ def run(config: RunConfig) -> RunSummary:
     with output_lock(out), _StopFlag().installed() as stop:
         stale = folder.prepare()
         if stale:
-            log.info("%s: removed %d temporary files left by an interrupted write", out, stale)
+            logger.info("%s: removed %d temporary files left by an interrupted write", out, stale)
         loaded = load_model(config.weights, device, precision)
         t0 = time.time()
         study = discover(config.study, labels_csv=config.labels, masks_root=config.masks, frames=config.frames,
                          anonymize=config.anonymize)
         for rel, reason in study.skipped:
-            log.warning("%s: skipped: %s", printable(rel), reason)
+            logger.warning("%s: skipped: %s", printable(rel), reason)
         if not study.items:
             passed = f" ({len(study.skipped)} files passed over, none of them a supported image)" if study.skipped else ""
             raise EmptyStudy(f"{config.study}: no images to process{passed}; supported: PNG, JPEG, BMP, TIFF, DICOM")
@@ -402,52 +279,55 @@ def run(config: RunConfig) -> RunSummary:
         current = {i.name for i in items}
         gone = [row for name, row in previous.items() if name not in current]
         by_name = {i.name: i for i in items}
-        for name, row in kept.items():
-            refresh_kept(row, by_name[name], config.pixel_size_mm, config.anonymize)
+        kept = {name: refresh_kept(row, by_name[name], config.pixel_size_mm, config.anonymize)
+                for name, row in kept.items()}
         t_discover = time.time() - t0
 
         summary = RunSummary(out=out, found=len(items), skipped=len(kept), removed=len(gone), shard=config.shard)
         results: dict[str, ImageResult] = dict(kept)
 
-        def record(status: str, error: str = "", timings: dict[str, float] | None = None) -> None:
-            summary.seconds = time.time() - started
+        def record(done: RunSummary, status: str, error: str = "", timings: dict[str, float] | None = None) -> None:
             provenance = _provenance(
-                config, study, loaded, device, summary, start_iso, status, error, settings,
-                timings or {"discover_s": t_discover, "total_s": summary.seconds},
+                config, study, loaded, device, done, start_iso, status, error, settings,
+                timings or {"discover_s": t_discover, "total_s": time.time() - started},
             )
             folder.write_record(provenance.scrubbed(study.scrub) if study.anonymized else provenance)
 
-        record(STATUS_RUNNING)  # from here on, a folder left by a killed run says so
+        record(summary, STATUS_RUNNING)  # from here on, a folder left by a killed run says so
         folder.start([kept[i.name] for i in items if i.name in kept])
+        # the report's ground truth; under --anonymize not at all (mask paths may name the patient)
+        folder.write_truth_masks({} if config.anonymize else {i.name: i.truth_masks for i in items})
         folder.drop_masks(gone, {masks[i.name] for i in items})
         if gone:
-            log.info("%d images are no longer in the study: their rows and masks are dropped", len(gone))
+            logger.info("%d images are no longer in the study: their rows and masks are dropped", len(gone))
         t0 = time.time()
         try:
             interrupted = _infer_and_write(config, loaded, todo, masks, settings, folder, results, stop, study,
                                            workers=workers)
         except BusiBatchError as err:
             message = str(err)
-            _save_after_failure(folder, items, results, summary, lambda: record(STATUS_FAILED, message))
+            _save_after_failure(folder, items, results, summary, lambda done: record(done, STATUS_FAILED, message))
             raise
         t_infer = time.time() - t0
-        summary.processed = len(results) - len(kept)
 
         t0 = time.time()
         ordered = [results[i.name] for i in items if i.name in results]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            ordered = list(pool.map(lambda r: as_written(_scrub_row(study, evaluate_row(r, by_name[r.image], out))),
-                                    ordered))
-        summary.metrics = compute_metrics(ordered)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the new rows were scored as their masks were written
+            ordered = list(pool.map(
+                lambda r: as_written(scrub_row(_score_kept(r, by_name[r.image], out) if r.image in kept else r,
+                                               study.scrub)),
+                ordered,
+            ))
+        summary = replace(_counted(summary, ordered, len(results) - len(kept)), metrics=compute_metrics(ordered))
         folder.finish(ordered, summary.metrics)
         t_eval = time.time() - t0
 
-        _count(summary, ordered)
         record(
-            STATUS_INTERRUPTED if interrupted else STATUS_COMPLETE, "",
+            summary, STATUS_INTERRUPTED if interrupted else STATUS_COMPLETE, "",
             {"discover_s": t_discover, "inference_s": t_infer, "evaluate_s": t_eval,
              "total_s": time.time() - started},
         )
+        summary = replace(summary, seconds=time.time() - started)
         if interrupted:
             raise RunInterrupted(
                 f"stopped by {signal.Signals(stop.signal).name} after {summary.processed} images; "
@@ -464,27 +344,28 @@ def _readable_record(out: Path) -> RunRecord | None:
         return None
 
 
-def _count(summary: RunSummary, rows: list[ImageResult]) -> None:
-    summary.ok = sum(r.ok for r in rows)
-    summary.error_rows = [(r.image, r.error) for r in rows if not r.ok]
-    summary.errors = len(summary.error_rows)
+def _counted(summary: RunSummary, rows: list[ImageResult], processed: int) -> RunSummary:
+    """The summary with the counts of ``rows``, ``processed`` of them done by this run."""
+    error_rows = tuple((r.image, r.error) for r in rows if not r.ok)
+    return replace(summary, processed=processed, ok=sum(r.ok for r in rows), errors=len(error_rows),
+                   error_rows=error_rows)
 
 
 def _save_after_failure(
-    folder: RunFolder, items: list[ImageItem], results: dict[str, ImageResult], summary: RunSummary, record: Any,
+    folder: RunFolder, items: list[ImageItem], results: dict[str, ImageResult], summary: RunSummary,
+    record: Callable[[RunSummary], None],
 ) -> None:
     """Best effort after a fatal error: the CSV of what was done, run.json marked failed.
 
     Either may fail too (a full disk); the journal already holds every finished batch, so nothing done is lost.
     """
     rows = [results[i.name] for i in items if i.name in results]
-    summary.processed = len(results) - summary.skipped
-    _count(summary, rows)
-    for action in (lambda: folder.write_rows(rows), record):
+    done = _counted(summary, rows, len(results) - summary.skipped)
+    for action in (lambda: folder.write_rows(rows), lambda: record(done)):
         try:
             action()
         except BusiBatchError as err:
-            log.warning("could not save after the failure: %s", err)
+            logger.warning("could not save after the failure: %s", err)
 
 
 def _infer_and_write(
@@ -519,15 +400,11 @@ def _infer_and_write(
             pending.clear()
 
     progress = tqdm(total=len(todo), unit="img", disable=not config.progress, leave=False, dynamic_ncols=True)
-    predictions = predict(loaded, todo, batch_size=config.batch_size,
-                          workers=config.workers if workers is None else workers, tta=config.tta, with_truth=False)
+    batches = predict(loaded, todo, batch_size=config.batch_size,
+                      workers=config.workers if workers is None else workers, tta=config.tta, with_truth=True)
     try:
-        with closing(predictions):  # on any exit the DataLoader's workers are shut down now, not at GC time
-            with _stop_signals_blocked():  # the first next() forks the workers
-                first = next(predictions, None)
-            stream = itertools.chain([first] if first is not None else [], predictions)
-            del first
-            for batch in _batches(stream, config.batch_size):
+        with closing(batches):  # on any exit the decoding workers are stopped now, not at GC time
+            for batch in batches:
                 rows = [_write_one(todo[pred.index], pred, loaded, masks, settings, folder, config, study)
                         for pred in batch]
                 pending += rows
@@ -546,11 +423,9 @@ def _infer_and_write(
                     return True
             commit()
         return False
-    except RuntimeError as err:
-        if "DataLoader worker" not in str(err):
-            raise
+    except DecodingWorkerDied as err:
         if stop.requested:  # the signal reached a worker after all (another start method): the stop still holds
-            log.warning("the stop signal also reached a decoding worker; the batch in hand may be incomplete")
+            logger.warning("the stop signal also reached a decoding worker; the batch in hand may be incomplete")
             return True
         raise BusiBatchError(
             f"a decoding worker process died ({' '.join(str(err).split())}); what was done is saved, "
@@ -560,18 +435,14 @@ def _infer_and_write(
         progress.close()
 
 
-def _batches(predictions: Iterable[Prediction], size: int) -> Iterator[list[Prediction]]:
-    """``predict`` yields one image at a time from batches of ``size`` consecutive items: regroup them."""
-    iterator = iter(predictions)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
 def _write_one(
     item: ImageItem, pred: Prediction, loaded: LoadedModel, masks: dict[str, str], settings: str,
     folder: RunFolder, config: RunConfig, study: Study | None = None,
 ) -> ImageResult:
-    """Mask file and row for one prediction. A name the output file system cannot take is this image's error."""
+    """Mask file and row for one prediction, the row scored against the item's ground truth from the mask in memory.
+
+    A name the output file system cannot take is this image's error.
+    """
     row, mask = result_from_prediction(item, pred, loaded, masks[item.name], settings, config.pixel_size_mm,
                                        anonymize=config.anonymize)
     if mask is not None:
@@ -581,22 +452,13 @@ def _write_one(
             cause = err.__cause__
             if not (isinstance(cause, OSError) and cause.errno in _PER_FILE_ERRNOS):
                 raise
-            row = ImageResult(
-                image=item.name, status=STATUS_ERROR, error=f"cannot write its mask: {cause.strerror or cause}",
-                input_sha256=row.input_sha256, model_sha256=row.model_sha256, settings=row.settings,
-                **identifier_columns(item, config.anonymize),
-            )
+            row = error_row(item, f"cannot write its mask: {cause.strerror or cause}", row.input_sha256,
+                            row.model_sha256, row.settings, config.anonymize)
+    row = _scored(row, item, mask, pred.truth_mask, pred.truth_error)
     if study is not None:
-        row = _scrub_row(study, row)
+        row = scrub_row(row, study.scrub)
     if not row.ok:
-        log.warning("error: %s: %s", printable(item.name), row.error)
-    return row
-
-
-def _scrub_row(study: Study, row: ImageResult) -> ImageResult:
-    """A row's free texts (error reasons may quote a file name) without patient identifiers under ``--anonymize``."""
-    if study.anonymized:
-        row.error, row.truth_error = study.scrub(row.error), study.scrub(row.truth_error)
+        logger.warning("error: %s: %s", printable(item.name), row.error)
     return row
 
 

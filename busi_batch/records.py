@@ -31,9 +31,10 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageResult:
-    """One row of ``predictions.csv``: the outcome for one input image."""
+    """One row of ``predictions.csv``: the outcome for one input image (frozen: change it with
+    ``dataclasses.replace``)."""
 
     image: str
     status: str

@@ -1,6 +1,7 @@
 """The output folder: its format and its ownership. The only module that knows what a run folder holds.
 
-A run folder holds ``predictions.csv``, ``run.json``, ``metrics.json`` (with ground truth), ``masks/``, and
+A run folder holds ``predictions.csv``, ``run.json``, ``metrics.json`` (with ground truth), ``ground_truth.json``
+(with ground-truth masks: each image's mask files, for the report; never under ``--anonymize``), ``masks/``, and
 busi-batch's own state: the lock file ``.busi-batch.lock``, the journal ``.predictions.journal`` of an unfinished
 run, and the folder ``.busi-batch/`` (its temporary files, ``.busi-batch/tmp/``); ``busi-batch report`` adds the
 pictures of a report in ``report_assets/``.
@@ -35,7 +36,7 @@ import os
 import platform
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,7 @@ log = logging.getLogger("busi_batch")
 CSV_NAME = "predictions.csv"
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
+TRUTH_JSON = "ground_truth.json"
 LOCK_NAME = ".busi-batch.lock"
 JOURNAL_NAME = ".predictions.journal"
 MASKS_DIR = "masks"
@@ -216,6 +218,22 @@ def read_run_record(folder: Path) -> RunRecord:
         raise BusiBatchError(f"{path}: not a busi-batch run record ({type(err).__name__}: {err})") from err
 
 
+def read_truth_masks(folder: Path) -> dict[str, tuple[Path, ...]]:
+    """The ground-truth mask files per image (its CSV ``image`` name) that ``ground_truth.json`` records; empty
+    when the folder has none. BusiBatchError names the file when it is unreadable."""
+    path = Path(folder) / TRUTH_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise BusiBatchError(f"{path}: cannot read: {err}") from err
+    masks = data.get("truth_masks") if isinstance(data, dict) else None
+    if not isinstance(masks, dict):
+        raise BusiBatchError(f"{path}: not a busi-batch ground-truth record")
+    return {str(name): tuple(Path(p) for p in paths) for name, paths in masks.items()}
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -349,7 +367,7 @@ def _release_in_child() -> None:
     An ``flock`` belongs to the open file description, which a fork shares: a worker that outlived a killed main
     process would hold the folder's lock, and an immediate rerun would be refused. ``dup2`` of /dev/null over the
     descriptor drops the child's reference without freeing the number for reuse behind Python's back. (It runs
-    as the child starts; a decoding worker also dies with its parent, ``inference.die_with_parent``.)
+    as the child starts; a decoding worker also dies with its parent, ``loader.die_with_parent``.)
     """
     if not _held_locks:
         return
@@ -582,6 +600,15 @@ class RunFolder:
             self.remove(METRICS_JSON)
         else:
             write_json(self.out / METRICS_JSON, metrics, temp_dir=self.temp_dir)
+
+    def write_truth_masks(self, masks: Mapping[str, Sequence[Path]]) -> None:
+        """``ground_truth.json``: the ground-truth mask files (as absolute paths) of each image that has any, so the
+        report never looks for them again; none at all when no image has one."""
+        recorded = {name: [os.path.abspath(p) for p in paths] for name, paths in masks.items() if paths}
+        if recorded:
+            write_json(self.out / TRUTH_JSON, {"truth_masks": recorded}, temp_dir=self.temp_dir)
+        else:
+            self.remove(TRUTH_JSON)
 
     def write_mask(self, rel: str, data: bytes) -> None:
         """A mask file, atomic but not yet durable: :meth:`commit_rows` follows every batch of masks."""

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from busi_batch import demo, metrics
 from busi_batch.cli import app
 from busi_batch.imageio import decode_image, load_truth_mask, read_bytes
-from busi_batch.inference import predict
+from busi_batch.inference import predict_images
 from busi_batch.model import ModelCard, card_path_for, load_model
 from busi_batch.pipeline import RunConfig, run
 from busi_batch.records import read_results_csv
@@ -44,7 +44,7 @@ def contrast_checkpoint(path: Path, image: Path = SAMPLE, seed: int = 3) -> Path
     """
     make_tiny_checkpoint(path, seed=seed)
     loaded = load_model(path)
-    lesion = next(predict(loaded, [demo.upload_item(image)], batch_size=1)).lesion_probability
+    lesion = next(predict_images(loaded, [demo.upload_item(image)], batch_size=1)).lesion_probability
     card = dataclasses.replace(loaded.card, threshold=float(np.median(lesion)))
     card_path_for(path).write_text(card.to_json())
     return path
@@ -58,7 +58,7 @@ def contrast_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(contrast_weights: Path):
     """Loaded as the demo and ``run`` load it by default (bf16 on CPUs that have it), so their answers agree."""
-    from busi_batch.inference import select_precision
+    from busi_batch.runtime import select_precision
 
     return load_model(contrast_weights, "cpu", select_precision("auto", torch.device("cpu")))
 

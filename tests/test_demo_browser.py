@@ -220,7 +220,7 @@ def served_model(weights: Path):
     """The model as the served demo loads it: the default precision (bf16 on CPUs that have it)."""
     import torch
 
-    from busi_batch.inference import select_precision
+    from busi_batch.runtime import select_precision
 
     return load_model(weights, "cpu", select_precision("auto", torch.device("cpu")))
 

@@ -543,7 +543,8 @@ _CASE = st.sampled_from([str.upper, str.lower, str.title, str.swapcase])
 def test_scrub_removes_identifiers_glued_to_anything_in_any_case_order_and_date_spelling(
     parts, patient_id, date, spelling, glue, case, order
 ) -> None:
-    """Before: only whole tokens were scrubbed, so ``DoeJane_[removed]_[removed]/`` kept the name."""
+    """Every name part, ID and date spelling is scrubbed wherever it stands: glued together (``DoeJane_``), inside
+    longer tokens, in any case and any order of the name parts."""
     patient = PatientInfo(name="^".join(parts), patient_id=patient_id, study_date=date.strftime("%Y%m%d"))
     values = phi_values(patient)
     shuffled = list(parts)

@@ -40,8 +40,8 @@ PATIENT_FOLDER = "DOE_JANE_PID73921"
 PLANTED = ["PID73921", "20190417", "2019-04-17", "17.04.2019", "19610307", "1961-03-07", "ACC55120", "DOE^JANE",
            "DOE_JANE"]
 PLANTED_WORDS = re.compile(r"(?<![A-Za-z0-9])(DOE|JANE)(?![A-Za-z0-9])", re.IGNORECASE)
-#: Identifiers glued to other characters, as file and folder names hold them: the scrubber's own whole-token
-#: rule could not see these, so the check below looks for the values anywhere (not by that rule).
+#: Identifiers glued to other characters, as file and folder names hold them: the check below looks for the
+#: values anywhere, not only as whole tokens.
 GLUED = ["JaneDoe2019-04-17_scan", "xPID73921y", "DoeJane17.04.2019"]
 PLANTED_ANYWHERE = re.compile("|".join(["PID73921", "JANE", "DOE(?!S)", "20190417", "2019-04-17", "17.04.2019"]),
                               re.IGNORECASE)  # (?!S): "does" in the report's own text is no leak
@@ -222,7 +222,7 @@ def lesion_prediction(shape: tuple[int, int], rows: slice, cols: slice) -> Predi
 def test_pixel_size_source_and_mm2_by_hand(tmp_path: Path, tiny_weights: Path) -> None:
     from busi_batch.discover import discover
     from busi_batch.model import load_model
-    from busi_batch.pipeline import result_from_prediction
+    from busi_batch.rows import result_from_prediction
 
     study = tmp_path / "s"
     image = gradient(48, 64)
@@ -267,7 +267,7 @@ def test_pixel_size_source_and_mm2_by_hand(tmp_path: Path, tiny_weights: Path) -
 
 def test_kept_rows_follow_the_new_pixel_size_unless_calibrated(tmp_path: Path) -> None:
     from busi_batch.discover import discover
-    from busi_batch.pipeline import refresh_kept
+    from busi_batch.rows import refresh_kept
     from busi_batch.records import ImageResult
 
     make_dicom(tmp_path / "spacing", gradient(), pixel_spacing=[0.3, 0.25])
@@ -275,20 +275,20 @@ def test_kept_rows_follow_the_new_pixel_size_unless_calibrated(tmp_path: Path) -
     items = {i.name: i for i in discover(tmp_path).items}
     calibrated = ImageResult(image="spacing", status="ok", lesion_area_px=100, lesion_area_mm2=7.5,
                              pixel_size_mm_x=0.25, pixel_size_mm_y=0.3, pixel_size_source="pixel_spacing")
-    refresh_kept(calibrated, items["spacing"], 0.5, anonymize=True)
+    calibrated = refresh_kept(calibrated, items["spacing"], 0.5, anonymize=True)
     assert (calibrated.pixel_size_source, calibrated.lesion_area_mm2) == ("pixel_spacing", 7.5)
     assert (calibrated.sop_uid, calibrated.patient_id) == (items["spacing"].dicom.identifiers.sop_uid, "")
     uncalibrated = ImageResult(image="plain", status="ok", lesion_area_px=100)  # as an older version wrote it
-    refresh_kept(uncalibrated, items["plain"], 0.2, anonymize=False)
+    uncalibrated = refresh_kept(uncalibrated, items["plain"], 0.2, anonymize=False)
     assert (uncalibrated.pixel_size_source, uncalibrated.lesion_area_mm2) == ("override", pytest.approx(4.0))
     assert uncalibrated.patient_id == PATIENT["PatientID"]
-    refresh_kept(uncalibrated, items["plain"], None, anonymize=False)
+    uncalibrated = refresh_kept(uncalibrated, items["plain"], None, anonymize=False)
     assert (uncalibrated.pixel_size_source, uncalibrated.lesion_area_mm2) == ("", None)
 
 
 def test_mask_names_of_frames_uid_names_and_dcm_files() -> None:
     from busi_batch.discover import ImageItem
-    from busi_batch.pipeline import mask_relpaths
+    from busi_batch.runfolder import mask_relpaths
 
     items = [
         ImageItem(path=Path("a/IM1"), rel="a/IM1", name="a/IM1#2", frame=2, is_dicom=True),

@@ -1,4 +1,4 @@
-"""The pretrained-encoder model (busi_unet_v2's architecture): weight mapping, geometry, training, loading."""
+"""The pretrained-encoder model (busi_unet_v2 and v3's architecture): weight mapping, geometry, training, loading."""
 
 from __future__ import annotations
 
@@ -117,9 +117,16 @@ def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path) -> 
         assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_the_shipped_v1_checkpoint_still_loads_as_the_plain_unet() -> None:
-    loaded = load_model(Path(__file__).resolve().parent.parent / "busi_batch" / "weights" / "busi_unet_v1.pt")
-    assert loaded.card.architecture_name() == "unet" and loaded.card.input_geometry == "squash"
+@pytest.mark.parametrize(("name", "architecture", "geometry"), [
+    ("busi_unet_v1", "unet", "squash"), ("busi_unet_v2", "lite_unet", "letterbox"),
+    ("busi_unet_v3", "lite_unet", "letterbox"),
+])
+def test_every_shipped_checkpoint_loads_with_its_card(name: str, architecture: str, geometry: str) -> None:
+    """v1 (plain U-Net), v2 and the default v3 (Lite0 U-Net) all load, pass the card's sha256 check, and say
+    which architecture they are."""
+    loaded = load_model(Path(__file__).resolve().parent.parent / "busi_batch" / "weights" / f"{name}.pt")
+    assert loaded.card.name == name and loaded.sha256 == loaded.card.weights_sha256
+    assert loaded.card.architecture_name() == architecture and loaded.card.input_geometry == geometry
     with torch.no_grad():
         seg, cls = loaded.network(torch.zeros(1, 1, 256, 256).contiguous(memory_format=torch.channels_last))
     assert seg.shape == (1, 1, 256, 256) and cls.shape == (1, 3)

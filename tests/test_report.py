@@ -19,8 +19,11 @@ from typer.testing import CliRunner
 
 from busi_batch import report
 from busi_batch.cli import app
+from busi_batch.errors import UsageError
 from busi_batch.records import ImageResult, read_results_csv
-from busi_batch.report_assets import downscale, encode_jpeg
+from busi_batch.report import content, render
+from busi_batch.report import pdf as report_pdf
+from busi_batch.report.assets import downscale, encode_jpeg, input_location
 from conftest import tree_digest
 
 runner = CliRunner()
@@ -37,7 +40,7 @@ def ok_row(**kw) -> ImageResult:
 
 
 def kinds(row: ImageResult) -> list[str]:
-    return [f.kind for f in report.review_flags(row)]
+    return [f.kind for f in content.review_flags(row)]
 
 
 def test_flags_for_each_reason() -> None:
@@ -59,69 +62,69 @@ def test_flags_for_each_reason() -> None:
 def test_review_order_puts_errors_first_then_least_confident() -> None:
     rows = [ok_row(confidence=0.5), ImageResult(image="e.png", status="error", error="x"), ok_row(confidence=0.4),
             ok_row(), ok_row(pred_class="normal", confidence=0.95)]
-    entries = [report.Entry(i, r, report.review_flags(r)) for i, r in enumerate(rows, start=1)]
-    assert [e.number for e in report.review_order(entries)] == [2, 5, 3, 1]
+    entries = [content.Entry(i, r, content.review_flags(r)) for i, r in enumerate(rows, start=1)]
+    assert [e.number for e in content.review_order(entries)] == [2, 5, 3, 1]
 
 
 def test_log_edges_cover_every_value_in_1_3_10_steps() -> None:
-    assert report.log_edges([]) == []
-    assert report.log_edges([0, -1]) == []
-    assert report.log_edges([5, 2000]) == [1, 3, 10, 30, 100, 300, 1000, 3000]
-    assert report.log_edges([0.25, 0.5]) == [0.1, 0.3, 1.0]
-    edges = report.log_edges([1000])
+    assert content.log_edges([]) == []
+    assert content.log_edges([0, -1]) == []
+    assert content.log_edges([5, 2000]) == [1, 3, 10, 30, 100, 300, 1000, 3000]
+    assert content.log_edges([0.25, 0.5]) == [0.1, 0.3, 1.0]
+    edges = content.log_edges([1000])
     assert edges[0] <= 1000 < edges[-1]
 
 
 def test_area_histogram_counts_no_lesion_separately() -> None:
     rows = [ok_row(lesion_area_px=0), ok_row(lesion_area_px=5), ok_row(lesion_area_px=2000),
             ImageResult(image="e.png", status="error")]
-    bars = report.area_histogram(rows, use_mm2=False)
+    bars = content.area_histogram(rows, use_mm2=False)
     assert bars[0].label == "no lesion" and bars[0].count == 1
     assert sum(b.count for b in bars) == 3
-    mm = report.area_histogram([ok_row(lesion_area_px=100, lesion_area_mm2=1.0)], use_mm2=True)
+    mm = content.area_histogram([ok_row(lesion_area_px=100, lesion_area_mm2=1.0)], use_mm2=True)
     assert [b.count for b in mm if b.count] == [1] and mm[0].count == 0
 
 
 def test_histogram_and_bars() -> None:
-    bars = report.score_histogram([0.0, 0.05, 0.95, 1.0, 1.0])
+    bars = content.score_histogram([0.0, 0.05, 0.95, 1.0, 1.0])
     assert len(bars) == 10 and bars[0].count == 2 and bars[-1].count == 3  # the last bin includes 1.0
     assert bars[-1].width == 100.0 and bars[0].width == pytest.approx(200 / 3)
     assert sum(b.share for b in bars) == pytest.approx(1.0)
-    conf = report.confidence_histogram([ok_row(confidence=1 / 3), ok_row(confidence=0.55)])
+    conf = content.confidence_histogram([ok_row(confidence=1 / 3), ok_row(confidence=0.55)])
     assert [b.count for b in conf] == [1, 0, 1, 0, 0, 0, 0]
-    assert [b.count for b in report.class_counts([ok_row(), ok_row(pred_class="normal")])] == [1, 1, 0]
+    assert [b.count for b in content.class_counts([ok_row(), ok_row(pred_class="normal")])] == [1, 1, 0]
 
 
 def test_select_pages_and_galleries() -> None:
     rows = [ok_row(true_class="benign", dice=0.9, truth_area_px=90),
             ok_row(true_class="normal", confidence=0.99, dice=0.2, truth_area_px=10),
             ok_row(true_class="normal", confidence=0.7, dice=0.1, truth_area_px=10)]
-    entries = [report.Entry(i, r, report.review_flags(r)) for i, r in enumerate(rows, start=1)]
-    assert [e.number for e in report.select_pages(entries, "all")] == [1, 2, 3]
-    assert [e.number for e in report.select_pages(entries, "flagged")] == [2, 3]
-    assert report.select_pages(entries, "none") == []
-    with pytest.raises(report.UsageError):
-        report.select_pages(entries, "some")
-    assert [e.number for e in report.worst_segmented(entries)] == [3, 2, 1]
-    assert [e.number for e in report.misclassified(entries)] == [2, 3]  # most confidently wrong first
+    entries = [content.Entry(i, r, content.review_flags(r)) for i, r in enumerate(rows, start=1)]
+    assert [e.number for e in content.select_pages(entries, "all")] == [1, 2, 3]
+    assert [e.number for e in content.select_pages(entries, "flagged")] == [2, 3]
+    assert content.select_pages(entries, "none") == []
+    with pytest.raises(UsageError):
+        content.select_pages(entries, "some")
+    assert [e.number for e in content.worst_segmented(entries)] == [3, 2, 1]
+    assert [e.number for e in content.misclassified(entries)] == [2, 3]  # most confidently wrong first
 
 
 def test_shorten_middle_and_numbering() -> None:
-    assert report.shorten_middle("short", 10) == "short"
+    assert content.shorten_middle("short", 10) == "short"
     long = "a" * 50 + "b" * 50
-    short = report.shorten_middle(long, 21)
+    short = content.shorten_middle(long, 21)
     assert len(short) == 21 and short.startswith("a" * 10) and short.endswith("b" * 10) and "…" in short
-    assert report._numbering(3, [4, 5, 1]) == ([4, 8, 13], 13)
-    assert report._numbering(2, []) == ([], 2)
+    assert report_pdf._numbering(3, [4, 5, 1]) == ([4, 8, 13], 13)
+    assert report_pdf._numbering(2, []) == ([], 2)
 
 
 def test_confusion_rows_mark_the_diagonal() -> None:
-    rows = report.confusion_rows({"class_order": ["normal", "benign", "malignant"],
+    rows = content.confusion_rows({"class_order": ["normal", "benign", "malignant"],
                                   "confusion_matrix": [[2, 0, 0], [1, 3, 0], [0, 0, 0]]})
     assert [r["total"] for r in rows] == [2, 4, 0]
     assert rows[1]["cells"][1]["diagonal"] and not rows[1]["cells"][0]["diagonal"]
     assert rows[1]["cells"][0]["share"] == pytest.approx(0.25) and rows[2]["cells"][2]["alpha"] == 0.0
-    assert report.confusion_rows({}) == []
+    assert content.confusion_rows({}) == []
 
 
 
@@ -129,7 +132,7 @@ def test_confusion_rows_mark_the_diagonal() -> None:
 
 
 def test_frame_maps_unit_square_with_y_upwards() -> None:
-    f = report.Frame(left=10, top=5, size=100, width=120, height=130)
+    f = content.Frame(left=10, top=5, size=100, width=120, height=130)
     assert (f.x(0), f.y(0)) == (10, 105)        # data origin: bottom left
     assert (f.x(1), f.y(1)) == (110, 5)         # (1, 1): top right
     assert (f.x(0.25), f.y(0.75)) == (35, 30)
@@ -138,15 +141,15 @@ def test_frame_maps_unit_square_with_y_upwards() -> None:
 
 
 def test_perfect_classifier_roc_goes_through_the_top_left_corner() -> None:
-    f = report.Frame(left=0, top=0, size=100)
-    points = report.roc_points([0.0, 0.0, 1.0], [0.0, 1.0, 1.0], f)
+    f = content.Frame(left=0, top=0, size=100)
+    points = content.roc_points([0.0, 0.0, 1.0], [0.0, 1.0, 1.0], f)
     assert points == [(0, 100), (0, 0), (100, 0)]  # (fpr 0, tpr 1) is the top left corner
-    assert report.svg_path(points) == "M0,100 L0,0 L100,0"
+    assert content.svg_path(points) == "M0,100 L0,0 L100,0"
     # A chance-level curve lies on the diagonal; repeated points collapse.
-    assert report.roc_points([0, 0.5, 0.5, 1], [0, 0.5, 0.5, 1], f) == [(0, 100), (50, 50), (100, 0)]
+    assert content.roc_points([0, 0.5, 0.5, 1], [0, 0.5, 0.5, 1], f) == [(0, 100), (50, 50), (100, 0)]
     with pytest.raises(ValueError):
-        report.roc_points([0, 1], [0, 0.5, 1], f)
-    assert report.svg_path([]) == ""
+        content.roc_points([0, 1], [0, 0.5, 1], f)
+    assert content.svg_path([]) == ""
 
 
 def test_roc_chart_leaves_out_a_class_without_a_curve() -> None:
@@ -154,35 +157,35 @@ def test_roc_chart_leaves_out_a_class_without_a_curve() -> None:
            "roc_auc": {"normal": 1.0, "benign": 0.75, "malignant": None},
            "roc_curves": {"normal": {"fpr": [0, 0, 1], "tpr": [0, 1, 1]},
                           "benign": {"fpr": [0, 0.5, 1], "tpr": [0, 1, 1]}, "malignant": None}}
-    chart = report.roc_chart(cls)
+    chart = content.roc_chart(cls)
     assert [c.name for c in chart.curves] == ["normal", "benign"] and chart.missing == ["malignant"]
     assert [c.auc for c in chart.curves] == [1.0, 0.75]
     f = chart.frame
     assert f"L{f.x(0):g},{f.y(1):g}" in chart.curves[0].path           # through (0, 1)
     assert chart.diagonal == f"M{f.x(0):g},{f.y(0):g} L{f.x(1):g},{f.y(1):g}"
     assert chart.curves[0].colour != chart.curves[1].colour
-    assert report.roc_chart({"roc_auc": {"normal": 0.5}}) is None    # an older metrics.json: no chart
+    assert content.roc_chart({"roc_auc": {"normal": 0.5}}) is None    # an older metrics.json: no chart
 
 
 def test_reliability_bar_heights_follow_accuracy() -> None:
-    f = report.Frame(left=0, top=0, size=100)
+    f = content.Frame(left=0, top=0, size=100)
     bins = [{"lo": 0.0, "hi": 0.5, "count": 0, "confidence": None, "accuracy": None},
             {"lo": 0.5, "hi": 1.0, "count": 4, "confidence": 0.75, "accuracy": 0.5},
             {"lo": 0.5, "hi": 1.0, "count": 2, "confidence": 0.9, "accuracy": 1.0}]
-    empty, half, full = report.reliability_bars(bins, f, gap=1)
+    empty, half, full = content.reliability_bars(bins, f, gap=1)
     assert half.height == 50 and half.y == 50                        # accuracy 0.5: half the plot's height
     assert full.height == 100 and full.y == 0
     assert half.x == 51 and half.width == 48                         # the bin's span less the gap each side
     assert (half.marker_x, half.marker_y) == (75, 50)                # (mean confidence, accuracy)
     assert empty.height == 0 and empty.marker_x is None and empty.count_label == "0"
     assert half.opacity == 1.0 and 0.3 < full.opacity < half.opacity and empty.opacity == 0.0  # more images, darker
-    chart = report.reliability_chart({"reliability": bins})
+    chart = content.reliability_chart({"reliability": bins})
     assert chart.total == 6 and chart.count_y > chart.frame.bottom
-    assert report.reliability_chart({"accuracy": 0.5}) is None
+    assert content.reliability_chart({"accuracy": 0.5}) is None
 
 
 def test_compact_count_fits_a_bin() -> None:
-    assert [report.compact_count(n) for n in (0, 999, 1000, 1250, 12_400, 2_500_000)] == [
+    assert [content.compact_count(n) for n in (0, 999, 1000, 1250, 12_400, 2_500_000)] == [
         "0", "999", "1.0k", "1.2k", "12k", "2.5M"]
 
 
@@ -197,15 +200,16 @@ def test_renditions_are_small_jpegs_never_enlarged() -> None:
 
 def test_report_format_and_options() -> None:
     assert report.report_format(Path("x.PDF")) == "pdf" and report.report_format(Path("x.htm")) == "html"
-    with pytest.raises(report.UsageError, match=r"\.pdf or \.html"):
+    with pytest.raises(UsageError, match=r"\.pdf or \.html"):
         report.report_format(Path("x.docx"))
-    with pytest.raises(report.UsageError, match="report-pages"):
+    with pytest.raises(UsageError, match="report-pages"):
         report.validate_report_options(Path("x.pdf"), "most")
 
 
 def test_report_module_never_imports_torch() -> None:
     """The report reads a run folder; it must not pull in the model stack (torch) at all."""
-    code = "import sys, busi_batch.report, busi_batch.report_assets, busi_batch.report_pdf; print('torch' in sys.modules)"
+    code = ("import sys, busi_batch.report, busi_batch.report.assets, busi_batch.report.content, "
+            "busi_batch.report.pdf, busi_batch.report.render; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -351,7 +355,7 @@ def test_html_report_links_and_pictures_resolve(run_pdf: tuple[Path, Path], tmp_
 def test_report_pages_option(run_pdf: tuple[Path, Path], tmp_path: Path) -> None:
     out, _ = run_pdf
     rows = read_results_csv(out / "predictions.csv")
-    flagged = [r for r in rows if report.review_flags(r)]
+    flagged = [r for r in rows if content.review_flags(r)]
     assert 0 < len(flagged)
     none_pdf = tmp_path / "none.pdf"
     assert runner.invoke(app, ["report", str(out), "--report", str(none_pdf), "--report-pages", "none"]).exit_code == 0
@@ -368,9 +372,10 @@ def test_chunked_rendering_across_processes_numbers_pages_as_one(run_pdf: tuple[
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Force several chunks and a process pool on the small study: same pages, numbered 1..N after the merge."""
     out, single = run_pdf
-    monkeypatch.setattr(report, "CHUNK_PAGES", 3)
-    monkeypatch.setattr(report, "MIN_PAGES_FOR_POOL", 0)
-    monkeypatch.setattr(report, "_chunks", lambda entries, workers: [entries[i:i + 3] for i in range(0, len(entries), 3)])
+    monkeypatch.setattr(report_pdf, "CHUNK_PAGES", 3)
+    monkeypatch.setattr(render, "MIN_PAGES_FOR_POOL", 0)
+    monkeypatch.setattr(report_pdf, "split_pages",
+                        lambda entries, workers: [entries[i:i + 3] for i in range(0, len(entries), 3)])
     pdf = tmp_path / "chunked.pdf"
     result = report.render_report(out, pdf, processes=2)
     texts = pdf_pages(pdf)
@@ -390,6 +395,8 @@ def test_report_rerenders_without_the_model_and_survives_a_vanished_image(
     moved = tmp_path / "study"
     shutil.copytree(study, moved)
     (moved / "portrait.png").unlink()
+    for mask in moved.rglob("*_mask*.png"):  # the ground truth comes from the paths the run recorded
+        mask.unlink()
     run_json = json.loads((out / "run.json").read_text())
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
@@ -408,6 +415,7 @@ def test_report_rerenders_without_the_model_and_survives_a_vanished_image(
     texts = [t.replace("\n", " ") for t in pdf_pages(pdf)]
     page = next(t for t in texts if "portrait.png" in t and re.search(r"Image \d+ of", t))
     assert "no picture of the input image" in page and "moved or deleted since the run" in page
+    assert any("ground-truth outline" in t for t in texts)
 
 
 def test_report_errors_are_one_line_with_exit_codes(run_pdf: tuple[Path, Path], study: Path, tmp_path: Path) -> None:
@@ -434,9 +442,10 @@ def test_a_page_that_overflows_is_renumbered(run_pdf: tuple[Path, Path], tmp_pat
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """If an image's page ever spills onto a second sheet, later chunks and the summary's references follow."""
     out, _ = run_pdf
-    css = report._css()
-    monkeypatch.setattr(report, "_css", lambda: (css[0] + "\n#img-2 .kicker { margin-bottom: 240mm; }", css[1]))
-    monkeypatch.setattr(report, "_chunks", lambda entries, workers: [entries[i:i + 3] for i in range(0, len(entries), 3)])
+    css = render._css()
+    monkeypatch.setattr(render, "_css", lambda: (css[0] + "\n#img-2 .kicker { margin-bottom: 240mm; }", css[1]))
+    monkeypatch.setattr(report_pdf, "split_pages",
+                        lambda entries, workers: [entries[i:i + 3] for i in range(0, len(entries), 3)])
     pdf = tmp_path / "overflow.pdf"
     result = report.render_report(out, pdf, processes=1)
     texts = pdf_pages(pdf)
@@ -449,8 +458,8 @@ def test_a_page_that_overflows_is_renumbered(run_pdf: tuple[Path, Path], tmp_pat
     assert starts[3] == starts[2] + 2  # image 2 took two sheets
     summary = " ".join(texts[: first_image_page(texts)])
     refs = {int(r) for r in re.findall(r"p\. (\d+)", summary)}
-    flagged = [i for i, r in enumerate(rows, start=1) if report.review_flags(r)]
-    assert len(flagged) <= report.REVIEW_TABLE_MAX and refs == {starts[i] for i in flagged}
+    flagged = [i for i, r in enumerate(rows, start=1) if content.review_flags(r)]
+    assert len(flagged) <= content.REVIEW_TABLE_MAX and refs == {starts[i] for i in flagged}
 
 
 def test_dicom_frames_are_drawn_from_their_own_frame(tmp_path: Path) -> None:
@@ -458,15 +467,15 @@ def test_dicom_frames_are_drawn_from_their_own_frame(tmp_path: Path) -> None:
     from test_dicom import make_dicom
 
     from busi_batch.imageio import encode_mask_png
-    from busi_batch.report_assets import RenditionJob, make_rendition
+    from busi_batch.report.assets import RenditionJob, make_rendition
 
     frames = np.zeros((2, 40, 60), dtype=np.uint8)
     frames[1, 10:30, 20:40] = 200  # only frame 2 has a bright square
     study = tmp_path / "study"
     make_dicom(study / "cine" / "IM1", frames)
-    path, frame = report.input_location(study, "cine/IM1#2")
+    path, frame = input_location(study, "cine/IM1#2")
     assert (path, frame) == (study / "cine" / "IM1", 2)
-    assert report.input_location(study, "cine/IM1") == (study / "cine" / "IM1", None)
+    assert input_location(study, "cine/IM1") == (study / "cine" / "IM1", None)
     mask = np.zeros((40, 60), dtype=bool)
     mask[10:30, 20:40] = True
     (tmp_path / "m.png").write_bytes(encode_mask_png(mask))
@@ -496,7 +505,7 @@ def test_anonymised_run_shows_no_input_pictures(run_pdf: tuple[Path, Path], tmp_
 def test_remove_stale_keeps_this_reports_files_and_fresh_chunk_folders(tmp_path: Path) -> None:
     import os
 
-    from busi_batch.report_assets import remove_stale
+    from busi_batch.report.assets import remove_stale
 
     for name in ("00001-overlay.jpg", "00002-overlay.jpg"):
         (tmp_path / name).write_bytes(b"x")

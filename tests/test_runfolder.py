@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from busi_batch import imageio, inference, runfolder
+from busi_batch import imageio, inference, loader, runfolder
 from busi_batch.cli import app
 from busi_batch.discover import ImageItem
 from busi_batch.records import (
@@ -310,7 +310,7 @@ def test_too_many_workers_are_clamped_with_a_clear_message(
     small_study: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: --workers 100000 forked until the out-of-memory killer ended the run."""
-    monkeypatch.setattr(inference, "max_workers", lambda: 2)
+    monkeypatch.setattr(loader, "max_workers", lambda: 2)
     seen: list[int] = []
     real = inference.predict
 
@@ -327,13 +327,13 @@ def test_too_many_workers_are_clamped_with_a_clear_message(
 
 def test_the_limit_follows_cpus_and_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(inference, "_available_memory", lambda: 100 * inference.WORKER_MEMORY_BYTES)
-    assert inference.max_workers() == 2 * inference.WORKERS_PER_CPU
-    monkeypatch.setattr(inference, "_available_memory", lambda: 3 * inference.WORKER_MEMORY_BYTES)
-    assert inference.max_workers() == 3
-    monkeypatch.setattr(inference, "_available_memory", lambda: 0)
-    assert inference.max_workers() == 1
-    assert inference.worker_count(1) == 1
+    monkeypatch.setattr(loader, "_available_memory", lambda: 100 * loader.WORKER_MEMORY_BYTES)
+    assert loader.max_workers() == 2 * loader.WORKERS_PER_CPU
+    monkeypatch.setattr(loader, "_available_memory", lambda: 3 * loader.WORKER_MEMORY_BYTES)
+    assert loader.max_workers() == 3
+    monkeypatch.setattr(loader, "_available_memory", lambda: 0)
+    assert loader.max_workers() == 1
+    assert loader.worker_count(1) == 1
 
 
 def test_a_forked_child_does_not_hold_the_output_lock(tmp_path: Path) -> None:

@@ -128,6 +128,8 @@ def test_merge_equals_the_unsharded_run(sharded: dict[str, Path], tmp_path: Path
     whole = sharded["whole"]
     assert (out / "predictions.csv").read_bytes() == (whole / "predictions.csv").read_bytes()
     assert json.loads((out / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())
+    truth = json.loads((out / "ground_truth.json").read_text())["truth_masks"]
+    assert truth == json.loads((whole / "ground_truth.json").read_text())["truth_masks"] and truth
     rows = read_results_csv(out / "predictions.csv")
     for row in rows:
         if row.ok:

@@ -128,6 +128,26 @@ def test_augment_keeps_shape_binary_mask_and_is_seeded() -> None:
     assert np.array_equal(out[0][0], out[1][0])
 
 
+def test_lesion_keeping_augmentation_never_returns_a_frame_the_lesion_has_left() -> None:
+    """A lesion in the corner: strong crops and shifts often push it out; with ``lesion_keep`` every draw keeps at
+    least that share of its area (or the pair comes back unchanged), and lesion-free pairs are still augmented."""
+    from train.augment import AugmentConfig
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[2:10, 2:10] = 1
+    config = AugmentConfig(p_affine=1.0, translate=0.3, p_crop=1.0, crop_min_area=0.3, rotate_deg=30.0)
+    pipeline = build_augment(config, seed=3, size=64)
+    plain = [np.count_nonzero(augment_pair(pipeline, image, mask)[1]) / mask.sum() for _ in range(100)]
+    assert min(plain) < 0.5  # without the guard the lesion does leave the frame
+    kept = [augment_pair(pipeline, image, mask, lesion_keep=0.5, tries=3) for _ in range(100)]
+    assert all(np.count_nonzero(m) >= 0.5 * mask.sum() for _, m in kept)
+    empty = np.zeros_like(mask)
+    outs = [augment_pair(pipeline, image, empty, lesion_keep=0.5)[0] for _ in range(5)]
+    assert any(not np.array_equal(o, image) for o in outs)
+
+
 def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_factor(0, 100, 10, 0.02) == pytest.approx(0.1)
     assert lr_factor(10, 100, 10, 0.02) == pytest.approx(1.0)

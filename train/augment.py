@@ -45,6 +45,12 @@ class AugmentConfig:
     p_gain_ramp: float = 0.0
     p_speckle: float = 0.0
     p_resolution: float = 0.0
+    # Lesion-preserving geometry: a lesion image whose augmented mask keeps less than this share of its lesion
+    # area is drawn again (up to ``lesion_tries`` times, then used unaugmented). Crops, zooms and shifts can push
+    # a lesion out of the frame while its label stays benign or malignant, which teaches the classifier that
+    # lesion-free tissue can be a lesion class. 0 = off (the v1 and v2 recipes).
+    lesion_keep: float = 0.0
+    lesion_tries: int = 5
 
 
 def build_augment(config: AugmentConfig | None = None, seed: int | None = None, size: int = 256) -> A.Compose:
@@ -97,7 +103,19 @@ def build_augment(config: AugmentConfig | None = None, seed: int | None = None, 
     )
 
 
-def augment_pair(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``pipeline`` to one pair; returns (image uint8, mask uint8 0/1) of the same shape."""
-    out = pipeline(image=image, mask=mask)
-    return out["image"], (out["mask"] > 0).astype(np.uint8)
+def augment_pair(
+    pipeline: A.Compose, image: np.ndarray, mask: np.ndarray, lesion_keep: float = 0.0, tries: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``pipeline`` to one pair; returns (image uint8, mask uint8 0/1) of the same shape.
+
+    With ``lesion_keep`` > 0, a pair with a lesion is augmented again while the result keeps less than that share
+    of the lesion's area; after ``tries`` failed draws the pair comes back unchanged, so a lesion-class label never
+    travels with a frame the lesion has left. Pairs without a lesion are augmented once, as usual.
+    """
+    area = int(np.count_nonzero(mask)) if lesion_keep > 0 else 0
+    for _ in range(max(1, tries) if area else 1):
+        out = pipeline(image=image, mask=mask)
+        kept = (out["mask"] > 0).astype(np.uint8)
+        if not area or np.count_nonzero(kept) >= lesion_keep * area:
+            return out["image"], kept
+    return image.copy(), (mask > 0).astype(np.uint8)

@@ -12,7 +12,7 @@ reading the test portion:
 Each fold is then scored under those choices, and the summary gives each headline metric per fold, their mean
 and standard deviation, and the pooled OOF metrics. ``train.export --cv`` reads it into the model card.
 
-    python -m train.cv --config train/configs/busi_unet_v2.yaml --runs train/runs/busi_unet_v2/cv --folds 0 1 2
+    python -m train.cv --config train/configs/busi_unet_v3.yaml --runs train/runs/busi_unet_v3/cv --folds 0 1 2
 
 Folds whose run folder already holds ``summary.json`` are not trained again.
 """
@@ -31,7 +31,7 @@ import torch
 from busi_batch.classes import CLASS_NAMES
 from busi_batch.discover import ImageItem
 from busi_batch.imageio import atomic_write_text
-from busi_batch.inference import Prediction, predict
+from busi_batch.inference import Prediction, predict_images
 from busi_batch.model import load_model, save_model
 from busi_batch.postprocess import MaskRules
 
@@ -80,7 +80,7 @@ def fold_checkpoint(config: dict[str, Any], run: Path) -> Path:
 def predict_fold(config: dict[str, Any], run: Path, data: Path, split_path: Path, fold: str) -> FoldPredictions:
     loaded = load_model(fold_checkpoint(config, run))
     items = fold_items(data, load_split(split_path), fold)
-    return FoldPredictions(fold, [(items[p.index], p) for p in predict(loaded, items)])
+    return FoldPredictions(fold, [(items[p.index], p) for p in predict_images(loaded, items)])
 
 
 def calibrated(score: ImageScore, temperature: float) -> ImageScore:

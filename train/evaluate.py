@@ -2,8 +2,9 @@
 
 Images go through ``busi_batch.inference.predict`` (decode -> preprocess -> forward, temperature applied), the
 lesion probability becomes a mask at the image's own size under the card's mask rules
-(``busi_batch.postprocess.lesion_mask``), and scored with ``busi_batch.metrics``: the numbers are what ``busi-batch run``
-would report on the same images, not cache-resolution proxies.
+(``busi_batch.postprocess.lesion_mask``), scored with ``busi_batch.rows.score_masks`` and summarised by
+``busi_batch.metrics.metrics_json``: the numbers are what ``busi-batch run`` would report on the same images, not
+cache-resolution proxies.
 
 Reported on the split's ``test`` fold, and on the test images that are also in the curated, redundancy-free
 subset of Aumente-Maestro et al. (``curated_subset_aumente2024.csv``), key ``curated_subset``.
@@ -28,9 +29,10 @@ from busi_batch import metrics
 from busi_batch.classes import CLASS_NAMES, class_index
 from busi_batch.discover import ImageItem, discover
 from busi_batch.imageio import atomic_write_text
-from busi_batch.inference import Prediction, predict
+from busi_batch.inference import Prediction, predict_images
 from busi_batch.model import FORWARD_PRECISIONS, LoadedModel, load_model, sha256_file
 from busi_batch.postprocess import MaskRules, lesion_mask
+from busi_batch.rows import score_masks
 
 from .split import TEST, load_split
 
@@ -56,15 +58,15 @@ def score_prediction(item: ImageItem, pred: Prediction, rules: MaskRules) -> Ima
         raise RuntimeError(f"{item.rel}: {pred.error or pred.truth_error or 'no ground-truth mask'}")
     predicted = CLASS_NAMES[int(np.argmax(pred.probabilities))]
     mask = lesion_mask(pred.lesion_probability, pred.height, pred.width, predicted, rules)
-    truth = pred.truth_mask
+    scores = score_masks(mask, pred.truth_mask)
     return ImageScore(
         rel=item.rel,
         true_class=class_index(item.true_class or ""),
         probabilities=np.asarray(pred.probabilities, dtype=float),
-        dice=metrics.dice_score(mask, truth),
-        iou=metrics.iou_score(mask, truth),
-        truth_has_lesion=bool(truth.any()),
-        pred_has_lesion=bool(mask.any()),
+        dice=scores.dice,
+        iou=scores.iou,
+        truth_has_lesion=scores.truth_has_lesion,
+        pred_has_lesion=scores.predicted_has_lesion,
     )
 
 
@@ -72,28 +74,31 @@ def score_items(
     loaded: LoadedModel, items: list[ImageItem], tta: bool = False, batch_size: int = 16, workers: int = 0
 ) -> list[ImageScore]:
     rules = loaded.card.mask_rules()
-    preds = predict(loaded, items, batch_size=batch_size, workers=workers, tta=tta)
+    preds = predict_images(loaded, items, batch_size=batch_size, workers=workers, tta=tta)
     return [score_prediction(items[p.index], p, rules) for p in preds]
 
 
 def summarise(scores: list[ImageScore], n_boot: int = 1000) -> dict[str, Any]:
-    """The ``metrics.json`` schema of ``busi-batch run``: definitions, classification, segmentation."""
+    """``metrics.json`` of the scored images, built as ``busi-batch run`` builds it (``metrics.metrics_json``):
+    definitions, classification, segmentation."""
     probs = np.stack([s.probabilities for s in scores])
-    return {
-        "definitions": (metrics.__doc__ or "").strip(),
-        "classification": metrics.classification_metrics(
-            [s.true_class for s in scores], probs.argmax(axis=1).tolist(), probs, CLASS_NAMES, n_boot=n_boot
-        ),
-        "segmentation": segmentation_summary(scores),
-    }
+    return metrics.metrics_json(
+        true_classes=[s.true_class for s in scores], predicted_classes=probs.argmax(axis=1).tolist(),
+        probabilities=probs, n_boot=n_boot, **_segmentation_inputs(scores),
+    )
 
 
 def segmentation_summary(scores: list[ImageScore]) -> dict[str, Any]:
     """``metrics.segmentation_metrics`` of scored images (the ``segmentation`` block of ``metrics.json``)."""
-    return metrics.segmentation_metrics(
-        [s.dice for s in scores], [s.iou for s in scores],
-        [s.truth_has_lesion for s in scores], [s.pred_has_lesion for s in scores],
-    )
+    return metrics.segmentation_metrics(**_segmentation_inputs(scores))
+
+
+def _segmentation_inputs(scores: list[ImageScore]) -> dict[str, list[Any]]:
+    return {
+        "dice": [s.dice for s in scores], "iou": [s.iou for s in scores],
+        "truth_has_lesion": [s.truth_has_lesion for s in scores],
+        "pred_has_lesion": [s.pred_has_lesion for s in scores],
+    }
 
 
 def curated_names(csv_path: Path) -> set[str]:
@@ -166,7 +171,7 @@ def table(result: dict[str, Any]) -> str:
 def checkpoint_parser(description: str | None) -> argparse.ArgumentParser:
     """Command-line options shared by the tools that score a checkpoint on BUSI: weights, data folder, split."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v2.pt"))
+    parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v3.pt"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/busi"))
     parser.add_argument("--split", type=Path, default=Path("train/splits/busi_v1.csv"))
     return parser

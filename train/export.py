@@ -185,9 +185,8 @@ def export(
     if chosen is not None:
         card = dataclasses.replace(
             card, threshold=chosen["threshold"], min_component_fraction=chosen["min_component_fraction"],
-            empty_when_normal=chosen["empty_when_normal"],
+            empty_when_normal=chosen["empty_when_normal"], extra={**card.extra, "mask_rules": record},
         )
-        card.extra["mask_rules"] = record
         card = save_model(network, card, weights, half=False)
     metrics = evaluation.evaluate(weights, data, split, n_boot=n_boot)
     print("float32:\n" + evaluation.table(metrics))
@@ -197,10 +196,11 @@ def export(
         print("float16:\n" + evaluation.table(half_metrics))
         if half_matches(metrics, half_metrics):
             card, metrics = half_card, half_metrics
-            card.extra["half_check"] = f"float16 headline metrics within {HALF_TOLERANCE} of float32: kept float16"
+            check = f"float16 headline metrics within {HALF_TOLERANCE} of float32: kept float16"
         else:
             card = save_model(network, card, weights, half=False)
-            card.extra["half_check"] = f"float16 moved a headline metric by more than {HALF_TOLERANCE}: kept float32"
+            check = f"float16 moved a headline metric by more than {HALF_TOLERANCE}: kept float32"
+        card = dataclasses.replace(card, extra={**card.extra, "half_check": check})
     card = dataclasses.replace(card, metrics=metrics)
     atomic_write_text(card_path_for(weights), card.to_json())  # the .pt (and its sha256) is unchanged
     assert sha256_file(weights) == card.weights_sha256

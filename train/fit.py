@@ -47,7 +47,7 @@ from sklearn.metrics import matthews_corrcoef  # noqa: E402
 from torch import nn  # noqa: E402
 
 from busi_batch.classes import CLASS_NAMES  # noqa: E402
-from busi_batch.inference import tune_cpu_allocator  # noqa: E402
+from busi_batch.runtime import tune_cpu_allocator  # noqa: E402
 from busi_batch.metrics import dice_score  # noqa: E402
 from busi_batch.encoder import weights_from_reference  # noqa: E402
 from busi_batch.model import FORWARD_PRECISIONS, build_network  # noqa: E402
@@ -380,7 +380,8 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         self.model = init_network(config).to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, float(config["ema"]["decay"]), int(config["ema"]["warmup"]))
-        self.augment = build_augment(augment_config(config), seed=seed, size=int(config["size"]))
+        self.augment_config = augment_config(config)
+        self.augment = build_augment(self.augment_config, seed=seed, size=int(config["size"]))
         loss = config["loss"]
         self.seg_loss = SegmentationLoss(loss["pos_weight"], loss["dice_weight"], loss["bce_weight"])
         weights = class_weights(data.train_labels, len(CLASS_NAMES), loss["class_weight_power"])
@@ -398,7 +399,8 @@ class Trainer:
         images = np.empty((index.size, *self.data.train_images.shape[1:]), dtype=np.uint8)
         masks = np.empty_like(images)
         for k, i in enumerate(index):
-            images[k], masks[k] = augment_pair(self.augment, self.data.train_images[i], self.data.train_masks[i])
+            images[k], masks[k] = augment_pair(self.augment, self.data.train_images[i], self.data.train_masks[i],
+                                               self.augment_config.lesion_keep, self.augment_config.lesion_tries)
         norm = self.config["normalisation"]
         x = to_input(images, norm["mean"], norm["std"])
         y = torch.from_numpy(masks[:, None].astype(np.float32)).contiguous(memory_format=torch.channels_last)

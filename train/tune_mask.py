@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from busi_batch.discover import ImageItem
-from busi_batch.inference import Prediction, predict
+from busi_batch.inference import Prediction, predict_images
 from busi_batch.model import LoadedModel, load_model
 from busi_batch.postprocess import MaskRules
 
@@ -70,7 +70,7 @@ def choose(scores: list[RuleScore], tie: float = TIE) -> RuleScore:
 def tune(loaded: LoadedModel, data: Path, split_path: Path, fold: str, workers: int = 0) -> dict[str, Any]:
     """Score every candidate on validation fold ``fold``; returns the chosen rules, the default's score, the grid."""
     items = fold_items(Path(data), load_split(split_path), fold)
-    preds = [(items[pred.index], pred) for pred in predict(loaded, items, workers=workers)]
+    preds = [(items[pred.index], pred) for pred in predict_images(loaded, items, workers=workers)]
     letterbox = loaded.card.input_geometry == "letterbox"
     scores = [score_rules(preds, rules) for rules in candidate_rules(letterbox)]
     chosen = choose(scores)

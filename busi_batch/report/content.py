@@ -1,49 +1,31 @@
-"""The run report: a summary and one page per image, as HTML or PDF, rendered from a finished output folder.
+"""What a report says, computed from a run's records: pure functions and plain dataclasses, no file access.
 
-The report reads only what a run wrote (``run.json``, ``predictions.csv``, ``metrics.json``, the masks) plus the
-input images and their ground-truth masks (found again by re-running discovery on the recorded input folder).
-It never loads the model, so ``busi-batch report RUN_DIR`` re-renders a report long after the run.
-
-HTML and PDF come from the same Jinja2 templates (``templates/``, shipped in the wheel as
-``busi_batch/templates``); the PDF is WeasyPrint with the print stylesheet, rendered in chunks across processes
-(``report_pdf``). Pictures are downscaled JPEG renditions written to ``OUT/report_assets`` (``report_assets``).
-
-Everything that decides what the report says (flags, counts, histograms, galleries) is a small pure function
-on ``ImageResult`` rows, tested directly.
+Inputs are the run record (``run.json`` as :class:`~busi_batch.runfolder.RunRecord`), the rows of
+``predictions.csv`` (:class:`~busi_batch.records.ImageResult`) and the content of ``metrics.json``. Outputs are
+what the templates lay out: the run's provenance (:class:`RunInfo`), the review flags of each image
+(:func:`review_flags`), counts and histograms as bars, the galleries, the confusion matrix, and the ROC and
+reliability charts as SVG geometry in a fixed viewBox.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
-from .classes import CLASS_NAMES
-from .errors import BusiBatchError, UsageError
-from .imageio import atomic_write_bytes, atomic_write_text
-from .records import ImageResult, read_results_csv
-from .runfolder import CSV_NAME, METRICS_JSON, RunRecord, read_run_record
-from .report_assets import ASSETS_DIR, Rendition, RenditionJob, make_rendition, remove_stale
-from .report_pdf import ChunkJob, ChunkResult, merge_pdfs, render_chunk
+from ..classes import CLASS_NAMES
+from ..errors import UsageError
+from ..records import ImageResult
 
-log = logging.getLogger("busi_batch")
+if TYPE_CHECKING:
+    from ..runfolder import RunRecord
+    from .assets import Rendition
 
 PAGE_CHOICES = ("all", "flagged", "none")
-FORMATS = {".pdf": "pdf", ".html": "html", ".htm": "html"}
 
 #: A case is flagged for review below this top-class probability (three classes: chance is 1/3).
 LOW_CONFIDENCE = 0.6
@@ -55,13 +37,9 @@ GALLERY_SIZE = 6
 #: Longer file names are shortened in the middle on a page (with the other capped texts, this keeps every
 #: per-image page on one sheet; if one ever spills over, the page numbering still follows).
 MAX_NAME_CHARS = 300
-#: Per-image pages per PDF chunk (each chunk is one WeasyPrint document in a worker process).
-CHUNK_PAGES = 48
-#: Below this many per-image pages, starting worker processes costs more than it saves.
-MIN_PAGES_FOR_POOL = 40
 
 
-# ----------------------------------------------------------------------------------------------- the run folder
+# ----------------------------------------------------------------------------------------------- the run
 
 
 @dataclass(frozen=True)
@@ -99,47 +77,22 @@ class RunInfo:
     pixel_size_mm: float | None
     tta: bool
     anonymized: bool
-    masks_root: Path | None
-    labels: Path | None
     model: ModelInfo
-    frames: str = "first"            # the run's --frames, so discovery names images (``file#N``) as the run did
 
 
 @dataclass
-class RunFolder:
-    """A finished run, read back: provenance, one row per image, and the metrics when there was ground truth."""
+class LoadedRun:
+    """A finished run, read back: provenance, one row per image, the metrics when there was ground truth, and the
+    ground-truth mask files of each image that has any (``ground_truth.json``)."""
 
     info: RunInfo
     rows: list[ImageResult]
     metrics: dict[str, Any] | None
+    truth_masks: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
-def load_run(run_dir: Path) -> RunFolder:
-    """Read a run folder; BusiBatchError names the file and the reason when it is not a finished run."""
-    import json
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such output folder")
-    csv_path = run_dir / CSV_NAME
-    record = read_run_record(run_dir)
-    if not csv_path.is_file():
-        raise BusiBatchError(f"{csv_path}: missing; is {run_dir} a finished busi-batch output folder?")
-    try:
-        rows = read_results_csv(csv_path)
-    except (OSError, ValueError, TypeError) as err:
-        raise BusiBatchError(f"{run_dir}: cannot read the run's files: {err}") from err
-    metrics = None
-    metrics_path = run_dir / METRICS_JSON
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise BusiBatchError(f"{metrics_path}: cannot read: {err}") from err
-    return RunFolder(info=_run_info(run_dir, record), rows=rows, metrics=metrics)
-
-
-def _run_info(run_dir: Path, record: RunRecord) -> RunInfo:
+def run_info(run_dir: Path, record: RunRecord) -> RunInfo:
+    """The parts of a run record a report shows."""
     model = record.model
     return RunInfo(
         folder=run_dir,
@@ -159,8 +112,6 @@ def _run_info(run_dir: Path, record: RunRecord) -> RunInfo:
         pixel_size_mm=record.option("pixel_size_mm"),
         tta=bool(record.option("tta", False)),
         anonymized=bool(record.option("anonymize", False)),
-        masks_root=Path(record.options["masks"]) if record.option("masks") else None,
-        labels=Path(record.options["labels"]) if record.option("labels") else None,
         model=ModelInfo(
             name=model.name,
             version=model.version,
@@ -171,7 +122,6 @@ def _run_info(run_dir: Path, record: RunRecord) -> RunInfo:
             training_data=model.training_data,
             test_metrics=dict(model.test_metrics),
         ),
-        frames=str(record.option("frames") or "first"),
     )
 
 
@@ -380,6 +330,23 @@ def select_pages(entries: Sequence[Entry], pages: str) -> list[Entry]:
     raise UsageError(f"--report-pages must be one of {', '.join(PAGE_CHOICES)}, not {pages!r}")
 
 
+def unique(entries: list[Entry]) -> list[Entry]:
+    """``entries`` without repeats (by number), in their first order."""
+    seen: set[int] = set()
+    result = []
+    for e in entries:
+        if e.number not in seen:
+            seen.add(e.number)
+            result.append(e)
+    return result
+
+
+def attach(entries: list[Entry], renditions: list[Rendition]) -> None:
+    """Give each entry its pictures (``renditions`` in the same order)."""
+    for entry, rendition in zip(entries, renditions):
+        entry.rendition = rendition
+
+
 @dataclass
 class Summary:
     """Everything the summary pages show, computed once from the rows."""
@@ -407,6 +374,7 @@ class Summary:
 
 
 def summarise(entries: Sequence[Entry], metrics: dict[str, Any] | None, use_mm2: bool) -> Summary:
+    """The summary pages' content from every entry and ``metrics.json``; areas in mm² when ``use_mm2``."""
     rows = [e.row for e in entries]
     errors = [e for e in entries if not e.row.ok]
     review = review_order(entries)
@@ -458,7 +426,6 @@ def confusion_rows(classification: dict[str, Any]) -> list[dict[str, Any]]:
                           "alpha": round(0.1 + 0.5 * share, 2) if count else 0.0})
         result.append({"name": name, "total": total, "cells": cells})
     return result
-
 
 
 # ------------------------------------------------------------------------- evidence charts (inline SVG geometry)
@@ -660,361 +627,3 @@ def reliability_chart(classification: dict[str, Any], frame: Frame = RELIABILITY
     return ReliabilityChart(frame, bars_, ticks(frame), svg_path([(frame.x(0), frame.y(0)), (frame.x(1), frame.y(1))]),
                             count_y=round(frame.bottom + 40.0, 2), total=sum(b.count for b in bars_))
 
-
-# --------------------------------------------------------------------------------------------- rendering
-
-
-@dataclass
-class ReportResult:
-    """What was written, for the CLI's closing line and for tests."""
-
-    path: Path
-    format: str
-    image_pages: int
-    total_pages: int | None
-    seconds: float
-
-
-def templates_dir() -> Path:
-    """The shipped templates: ``busi_batch/templates`` in an installed wheel, ``templates/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parent / "templates"):
-        if (candidate / "report.html.j2").is_file():
-            return candidate
-    raise BusiBatchError(f"report templates not found (looked in {here / 'templates'} and {here.parent / 'templates'})")
-
-
-def report_format(target: Path) -> str:
-    """``pdf`` or ``html`` from the file name; UsageError otherwise."""
-    fmt = FORMATS.get(Path(target).suffix.lower())
-    if fmt is None:
-        raise UsageError(f"{target}: the report must end in .pdf or .html")
-    return fmt
-
-
-def validate_report_options(target: Path, pages: str) -> None:
-    """Check ``--report`` and ``--report-pages`` before a run starts, so a typo does not waste a run."""
-    report_format(target)
-    if pages not in PAGE_CHOICES:
-        raise UsageError(f"--report-pages must be one of {', '.join(PAGE_CHOICES)}, not {pages!r}")
-
-
-def _environment() -> Any:
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
-        autoescape=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
-    )
-    env.filters["num"] = _num
-    env.filters["pct"] = lambda v: "–" if v is None else f"{100.0 * v:.1f}%"
-    env.filters["ci"] = _ci
-    env.filters["seconds"] = _seconds
-    return env
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.{digits}f}"
-
-
-def _ci(pair: Any) -> str:
-    if not pair or len(pair) != 2 or pair[0] is None:
-        return ""
-    return f"95% CI {pair[0]:.3f}–{pair[1]:.3f}"
-
-
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "–"
-    minutes, secs = divmod(float(value), 60.0)
-    return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
-
-
-@contextmanager
-def _executor(workers: int) -> Iterator[Executor | None]:
-    """A spawn-based process pool (safe after torch has started threads in the parent), or None for in-process."""
-    if workers <= 1:
-        yield None
-        return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _submit(pool: Executor | None, fn: Callable[[Any], Any], arg: Any) -> Future:
-    """``pool.submit``, or run now and hand back a finished future when there is no pool."""
-    if pool is not None:
-        return pool.submit(fn, arg)
-    future: Future = Future()
-    future.set_result(fn(arg))
-    return future
-
-
-def _map(pool: Executor | None, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
-    if pool is None or len(jobs) <= 1:
-        return [fn(job) for job in jobs]
-    return list(pool.map(fn, jobs))
-
-
-def render_report(run_dir: Path, target: Path, pages: str = "all", processes: int = 2) -> ReportResult:
-    """Render the report of the finished run in ``run_dir`` to ``target`` (``.pdf`` or ``.html``).
-
-    ``pages`` picks the images with a page of their own (``all`` / ``flagged`` / ``none``); ``processes`` caps the
-    worker processes for renditions and PDF chunks. Raises UsageError / BusiBatchError with a one-line reason.
-
-    The work overlaps: the workers draw the pictures chunk by chunk while this process lays out the summary;
-    each chunk's pages are rendered as soon as its pictures exist.
-    """
-    started = time.time()
-    target = Path(target)
-    fmt = report_format(target)
-    validate_report_options(target, pages)
-    folder = load_run(run_dir)
-    info = folder.info
-    target_r = target.resolve()
-    if info.input.exists() and target_r.is_relative_to(info.input.resolve()):
-        raise UsageError(f"{target}: the report may not be written inside the input folder {info.input}")
-    use_mm2 = any(r.lesion_area_mm2 is not None for r in folder.rows)  # --pixel-size, or DICOM calibration
-    entries = [Entry(number=i, row=row, flags=review_flags(row)) for i, row in enumerate(folder.rows, start=1)]
-    selected = select_pages(entries, pages)
-    for entry in selected:
-        entry.has_page = True
-    summary = summarise(entries, folder.metrics, use_mm2)
-    gallery = _unique(summary.worst + summary.wrong)
-    assets_dir = Path(run_dir) / ASSETS_DIR
-    workers = max(1, min(processes, os.cpu_count() or 1))
-    if len(selected) < MIN_PAGES_FOR_POOL:
-        workers = 1
-    chunks = _chunks(selected, workers)
-    context = {
-        "run": info, "summary": summary, "metrics": folder.metrics or {}, "use_mm2": use_mm2,
-        "pixel_sources": pixel_size_sources(folder.rows),
-        "tool_version": __version__, "class_names": CLASS_NAMES, "pages_option": pages,
-        "n_pages": len(selected), "low_confidence": LOW_CONFIDENCE, "low_dice": LOW_DICE,
-        "review_max": REVIEW_TABLE_MAX, "generated": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
-    try:
-        assets_dir.mkdir(parents=True, exist_ok=True)
-        truth = _truth_paths(info) if (selected or gallery) and not info.anonymized else {}
-        with _executor(workers) as pool:
-            pictures = [_submit(pool, make_renditions, _rendition_jobs(chunk, info, truth, assets_dir))
-                        for chunk in chunks]
-            for entry, rendition in zip(gallery, make_renditions(_rendition_jobs(gallery, info, truth, assets_dir))):
-                entry.rendition = rendition
-            env = _environment()
-            if fmt == "html":
-                for chunk, future in zip(chunks, pictures):
-                    _attach(chunk, future.result())
-                base = os.path.relpath(assets_dir.resolve(), target_r.parent)
-                html = env.get_template("report.html.j2").render(
-                    mode="html", entries=selected, asset_base=quote(Path(base).as_posix()) + "/",
-                    css=_css(), first_page=1, total_pages=0, part="all", **context,
-                )
-                atomic_write_text(target, html)
-                total = None
-            else:
-                total = _write_pdf(pool, env, context, chunks, pictures, assets_dir, target)
-    except OSError as err:
-        raise BusiBatchError(f"{target}: cannot write the report: {err.strerror or err}") from err
-    except BrokenProcessPool as err:
-        raise BusiBatchError(f"{target}: a report worker process died (out of memory?)") from err
-    remove_stale(assets_dir, {name for e in selected + gallery if e.rendition
-                              for name in (e.rendition.overlay, e.rendition.mask) if name})
-    return ReportResult(path=target, format=fmt, image_pages=len(selected), total_pages=total,
-                        seconds=time.time() - started)
-
-
-def _unique(entries: list[Entry]) -> list[Entry]:
-    seen: set[int] = set()
-    result = []
-    for e in entries:
-        if e.number not in seen:
-            seen.add(e.number)
-            result.append(e)
-    return result
-
-
-def _truth_paths(info: RunInfo) -> dict[str, tuple[Path, ...]]:
-    """Ground-truth mask files per image, found again by discovery (the run does not record them)."""
-    from .discover import discover
-
-    if not info.input.is_dir():
-        log.warning("%s: input folder not found; report pictures will say so", info.input)
-        return {}
-    try:
-        study = discover(info.input, masks_root=info.masks_root, frames=info.frames)
-    except UsageError as err:
-        log.warning("ground-truth masks not drawn: %s", err)
-        return {}
-    return {item.name: item.truth_masks for item in study.items}
-
-
-def input_location(input_root: Path, image: str) -> tuple[Path, int | None]:
-    """The file (and DICOM frame) behind a CSV ``image`` name: ``a/IM1#3`` is frame 3 of ``a/IM1``, unless a file
-    is literally called that."""
-    from .dicom import split_frame_name
-
-    path = input_root / image
-    if path.exists():
-        return path, None
-    rel, frame = split_frame_name(image)
-    return input_root / rel, frame
-
-
-def _rendition_jobs(entries: list[Entry], info: RunInfo, truth: dict[str, tuple[Path, ...]],
-                    assets_dir: Path) -> list[RenditionJob]:
-    """What to draw for each entry. An anonymised run's images are never drawn: their names are pseudonyms, and
-    ultrasound pixels often carry the patient's name burned in."""
-    jobs = []
-    for e in entries:
-        path, frame = input_location(info.input, e.row.image) if e.row.ok else (None, None)
-        if info.anonymized:
-            path = frame = None
-        jobs.append(RenditionJob(
-            key=f"{e.number:05d}",
-            image_path=path,
-            frame=frame,
-            mask_path=(info.folder / e.row.mask) if e.row.ok and e.row.mask else None,
-            truth_paths=truth.get(e.row.image, ()),
-            input_sha256=e.row.input_sha256,
-            assets_dir=assets_dir,
-        ))
-    return jobs
-
-
-def make_renditions(jobs: list[RenditionJob]) -> list[Rendition]:
-    """The pictures of one chunk of images (one task for a worker process)."""
-    return [make_rendition(job) for job in jobs]
-
-
-def _attach(entries: list[Entry], renditions: list[Rendition]) -> None:
-    for entry, rendition in zip(entries, renditions):
-        entry.rendition = rendition
-
-
-def _css() -> tuple[str, str]:
-    """(screen and shared rules, paged-media rules): the PDF uses both, the HTML keeps the second for printing."""
-    root = templates_dir()
-    return (root / "report.css").read_text(encoding="utf-8"), (root / "print.css").read_text(encoding="utf-8")
-
-
-def _chunks(entries: list[Entry], workers: int) -> list[list[Entry]]:
-    """Split the per-image pages into chunks: small enough to balance the workers, large enough to amortise
-    WeasyPrint's per-document start-up."""
-    if not entries:
-        return []
-    size = max(8, min(CHUNK_PAGES, math.ceil(len(entries) / (2 * workers))))
-    return [entries[i:i + size] for i in range(0, len(entries), size)]
-
-
-class _Numbering:
-    """Page numbers of a report rendered in parts: the summary, then each chunk of per-image pages.
-
-    Starts from "one page per image" and learns each part's real page count (and where each image's page landed)
-    as parts are rendered.
-    """
-
-    def __init__(self, chunks: list[list[Entry]]) -> None:
-        self.chunks = chunks
-        self.summary_pages = 1
-        self.chunk_pages = [len(c) for c in chunks]
-        self.local = {e.number: k for chunk in chunks for k, e in enumerate(chunk)}
-
-    def apply(self) -> tuple[list[int], int]:
-        """Set every entry's page number; return each chunk's first page number and the total."""
-        starts, total = _numbering(self.summary_pages, self.chunk_pages)
-        for start, chunk in zip(starts, self.chunks):
-            for e in chunk:
-                e.page = start + self.local[e.number]
-        return starts, total
-
-    def learn(self, result: ChunkResult) -> None:
-        self.chunk_pages[result.index] = result.pages
-        for e in self.chunks[result.index]:
-            self.local[e.number] = result.anchor_pages.get(e.anchor, self.local[e.number])
-
-
-def _write_pdf(pool: Executor | None, env: Any, context: dict[str, Any], chunks: list[list[Entry]],
-               pictures: list[Future], assets_dir: Path, target: Path) -> int:
-    """Summary (here, while the workers draw pictures), then each chunk as soon as its pictures exist, then merge.
-
-    Page numbers assume one page per image; each chunk reports where its pages landed, and any part rendered with
-    numbers that turned out wrong is rendered again, so the numbers in the footers and the summary are right.
-    """
-    template = env.get_template("report.html.j2")
-    base_url = assets_dir.resolve().as_uri() + "/"
-    css = _css()
-    numbering = _Numbering(chunks)
-    rendered: dict[int, tuple[int, int]] = {}
-    results: dict[int, ChunkResult] = {}
-    summary_key: tuple[Any, ...] | None = None
-
-    with tempfile.TemporaryDirectory(prefix=".report-", dir=assets_dir) as tmp:
-        tmp_dir = Path(tmp)
-
-        def render_summary() -> None:
-            nonlocal summary_key
-            for _ in range(4):
-                _, total = numbering.apply()
-                key = (total, tuple(e.page for chunk in chunks for e in chunk))
-                if key == summary_key:
-                    return
-                html = template.render(mode="pdf", entries=[], asset_base=base_url, css=css, first_page=1,
-                                       total_pages=total, part="summary", **context)
-                result = render_chunk(ChunkJob(-1, html, base_url, tmp_dir / "summary.pdf"))
-                summary_key = key
-                if result.pages == numbering.summary_pages:
-                    return
-                numbering.summary_pages = result.pages
-            raise BusiBatchError("report: the summary's page count does not settle")
-
-        def chunk_job(k: int, starts: list[int], total: int) -> ChunkJob:
-            rendered[k] = (starts[k], total)
-            html = template.render(mode="pdf", entries=chunks[k], asset_base=base_url, css=css,
-                                   first_page=starts[k], total_pages=total, part="pages", **context)
-            return ChunkJob(k, html, base_url, tmp_dir / f"chunk-{k:05d}.pdf")
-
-        render_summary()
-        starts, total = numbering.apply()
-        futures = []
-        for k, future in enumerate(pictures):
-            _attach(chunks[k], future.result())
-            futures.append(_submit(pool, render_chunk, chunk_job(k, starts, total)))
-        for future in futures:
-            result = future.result()
-            results[result.index] = result
-            numbering.learn(result)
-        for _ in range(4):  # only when a page did not fit: re-render what was numbered wrongly
-            render_summary()
-            starts, total = numbering.apply()
-            redo = [k for k in range(len(chunks)) if rendered[k] != (starts[k], total)]
-            if not redo:
-                break
-            log.warning("report: some per-image pages took more than one page; renumbering")
-            for result in _map(pool, render_chunk, [chunk_job(k, starts, total) for k in redo]):
-                results[result.index] = result
-                numbering.learn(result)
-        else:
-            raise BusiBatchError("report: page numbering does not settle")
-        paths = [tmp_dir / "summary.pdf"] + [results[k].pdf_path for k in range(len(chunks))]
-        atomic_write_bytes(target, merge_pdfs(paths, title=f"busi-batch report: {context['run'].input.name}"))
-    return total
-
-
-def _numbering(summary_pages: int, chunk_pages: list[int]) -> tuple[list[int], int]:
-    """First page number of every chunk, and the total page count."""
-    starts = []
-    page = summary_pages + 1
-    for n in chunk_pages:
-        starts.append(page)
-        page += n
-    return starts, page - 1

@@ -1,27 +1,31 @@
-"""Picture renditions for the report: downscaled JPEGs of each image's outline overlay and of its predicted mask.
+"""The pictures a report embeds: downscaled JPEGs of each image's outline overlay and of its predicted mask.
 
-Why JPEG files on disk rather than the full-size PNGs or data URIs: WeasyPrint embeds a JPEG as it is (no
-re-encoding), so a page with two 512 px JPEGs read through ``file://`` renders in a few hundredths of a second,
-against several times that for PNGs, and data URIs make memory grow with every page. The mask files of the run
-stay PNG; only their pictures in the report are JPEG.
+JPEG files on disk, read through ``file://``: WeasyPrint embeds a JPEG as it is (no re-encoding), and file
+references keep memory flat where data URIs would grow with every page. The run's mask files stay PNG; only their
+pictures in the report are JPEG.
 
 Renditions are written into ``OUT/report_assets/`` (atomically) and regenerated on every report, so a
-re-rendered report never shows a picture from an older run.
+re-rendered report never shows a picture from an older run. The input images are read from the input folder the
+run recorded, the ground-truth masks from the paths the run recorded (``ground_truth.json``); an image that is
+missing or changed since the run gets a notice on its page instead of a picture.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import ImageDecodeError
-from . import imageio
-from .imageio import atomic_write_bytes, decode_image, load_truth_mask, read_bytes
-from .overlay import outline_overlay
+from .. import imageio
+from ..errors import ImageDecodeError
+from ..imageio import atomic_write_bytes, decode_image, load_truth_mask, read_bytes
+from ..overlay import outline_overlay
+from .content import Entry, RunInfo
 
 ASSETS_DIR = "report_assets"
 OVERLAY_MAX_SIDE = 512
@@ -37,7 +41,7 @@ class RenditionJob:
     image_path: Path | None          # None when the row has no readable input (an error row)
     frame: int | None                # frame of a multi-frame DICOM file (CSV name ``file#N``), else None
     mask_path: Path | None           # the run's predicted mask PNG, None for error rows
-    truth_paths: tuple[Path, ...]    # ground-truth mask files found by re-running discovery
+    truth_paths: tuple[Path, ...]    # ground-truth mask files the run recorded
     input_sha256: str                # the hash recorded at run time, to notice an image edited since
     assets_dir: Path
 
@@ -155,9 +159,6 @@ def remove_stale(assets_dir: Path, keep: set[str], max_age_s: float = 3600.0) ->
     """Delete renditions of an earlier report that this one did not write (old runs, other page selections), and
     the chunk folders of a report that was killed (``.report-*``, older than ``max_age_s``: a report rendering
     right now into the same folder keeps its own)."""
-    import shutil
-    import time
-
     if not assets_dir.is_dir():
         return
     for path in assets_dir.iterdir():
@@ -165,3 +166,41 @@ def remove_stale(assets_dir: Path, keep: set[str], max_age_s: float = 3600.0) ->
             path.unlink(missing_ok=True)
         elif path.is_dir() and path.name.startswith(".report-") and time.time() - path.stat().st_mtime > max_age_s:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def input_location(input_root: Path, image: str) -> tuple[Path, int | None]:
+    """The file (and DICOM frame) behind a CSV ``image`` name: ``a/IM1#3`` is frame 3 of ``a/IM1``, unless a file
+    is literally called that."""
+    from ..dicom import split_frame_name
+
+    path = input_root / image
+    if path.exists():
+        return path, None
+    rel, frame = split_frame_name(image)
+    return input_root / rel, frame
+
+
+def rendition_jobs(entries: list[Entry], info: RunInfo, truth: dict[str, tuple[Path, ...]],
+                   assets_dir: Path) -> list[RenditionJob]:
+    """What to draw for each entry. An anonymised run's images are never drawn: their names are pseudonyms, and
+    ultrasound pixels often carry the patient's name burned in."""
+    jobs = []
+    for e in entries:
+        path, frame = input_location(info.input, e.row.image) if e.row.ok else (None, None)
+        if info.anonymized:
+            path = frame = None
+        jobs.append(RenditionJob(
+            key=f"{e.number:05d}",
+            image_path=path,
+            frame=frame,
+            mask_path=(info.folder / e.row.mask) if e.row.ok and e.row.mask else None,
+            truth_paths=truth.get(e.row.image, ()),
+            input_sha256=e.row.input_sha256,
+            assets_dir=assets_dir,
+        ))
+    return jobs
+
+
+def make_renditions(jobs: list[RenditionJob]) -> list[Rendition]:
+    """The pictures of one chunk of images (one task for a worker process)."""
+    return [make_rendition(job) for job in jobs]
