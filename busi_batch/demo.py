@@ -290,7 +290,7 @@ class PictureFiles:
     Why not arrays: Gradio saves an array output to ``cache/<content hash>/image.png`` by rewriting that file in
     place every time the same picture is shown again (an example analysed twice). A browser still fetching the
     earlier copy then gets fewer or more bytes than announced (h11: "Too much data for declared
-    Content-Length") and the picture never appears; this happened in CI. A file path goes through Gradio's file
+    Content-Length") and the picture never appears. A file path goes through Gradio's file
     cache instead, which copies each file once, atomically. Files here older than ``keep_s`` are swept.
     """
 
