@@ -8,7 +8,7 @@ folds this finds thin bright structures (white top-hat of the grey image above `
 versions. It reports how often the class changes, how far the class probabilities move, the Dice between the two
 masks, and lesion Dice against the ground truth before and after.
 
-    python benchmarks/annotation_sensitivity.py --weights busi_batch/weights/busi_unet_v3.pt --folds test
+    python benchmarks/annotation_sensitivity.py --weights busi_batch/weights/busi_unet_v4.pt --folds test
 """
 
 from __future__ import annotations
@@ -31,23 +31,8 @@ from busi_batch.inference import predict_images  # noqa: E402
 from busi_batch.metrics import dice_score  # noqa: E402
 from busi_batch.model import load_model  # noqa: E402
 from busi_batch.postprocess import lesion_mask  # noqa: E402
+from train.annotations import annotation_mask, painted_out  # noqa: E402
 from train.evaluate import fold_items, load_split  # noqa: E402
-
-
-def annotation_mask(image: np.ndarray, contrast: int, bright: int) -> np.ndarray:
-    """Bool mask of likely burnt-in annotations: thin bright strokes and coloured pixels, slightly dilated."""
-    grey = image if image.ndim == 2 else cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
-    tophat = cv2.morphologyEx(grey, cv2.MORPH_TOPHAT, cv2.getStructuringElement(cv2.MORPH_RECT, (9, 9)))
-    marks = (tophat > contrast) & (grey >= bright)
-    if image.ndim == 3:
-        colour = image[..., :3].astype(np.int16)
-        marks |= (colour.max(axis=2) - colour.min(axis=2)) > 40
-    return cv2.dilate(marks.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-
-
-def painted_out(image: np.ndarray, marks: np.ndarray) -> np.ndarray:
-    grey = image if image.ndim == 2 else cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
-    return cv2.inpaint(grey, marks.astype(np.uint8), 3, cv2.INPAINT_TELEA)
 
 
 def answers(loaded, items: list[ImageItem]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

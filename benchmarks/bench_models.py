@@ -4,7 +4,7 @@ The network alone (random input at the card's size, batch 16, BatchNorm folded a
 alternating rounds so that a machine busy with other work slows both alike; the ratio is candidate / baseline.
 
     python benchmarks/bench_models.py --baseline busi_batch/weights/busi_unet_v1.pt \
-        --candidate busi_batch/weights/busi_unet_v3.pt [--rounds 3] [--seconds 4]
+        --candidate busi_batch/weights/busi_unet_v4.pt [--rounds 3] [--seconds 4]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pretrained-encoder model (busi_unet_v2 and v3's architecture): weight mapping, geometry, training, loading."""
+"""The pretrained-encoder model (busi_unet_v2, v3 and v4's architecture): weight mapping, geometry, training, loading."""
 
 from __future__ import annotations
 
@@ -119,10 +119,10 @@ def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("name", "architecture", "geometry"), [
     ("busi_unet_v1", "unet", "squash"), ("busi_unet_v2", "lite_unet", "letterbox"),
-    ("busi_unet_v3", "lite_unet", "letterbox"),
+    ("busi_unet_v3", "lite_unet", "letterbox"), ("busi_unet_v4", "lite_unet", "letterbox"),
 ])
 def test_every_shipped_checkpoint_loads_with_its_card(name: str, architecture: str, geometry: str) -> None:
-    """v1 (plain U-Net), v2 and the default v3 (Lite0 U-Net) all load, pass the card's sha256 check, and say
+    """v1 (plain U-Net), v2, v3 and the default v4 (Lite0 U-Net) all load, pass the card's sha256 check, and say
     which architecture they are."""
     loaded = load_model(Path(__file__).resolve().parent.parent / "busi_batch" / "weights" / f"{name}.pt")
     assert loaded.card.name == name and loaded.sha256 == loaded.card.weights_sha256

@@ -83,6 +83,28 @@ def test_prepare_shapes_labels_and_union_masks(fake_busi: Path, tmp_path: Path) 
         assert np.array_equal(loaded[key], arrays[key])
 
 
+def test_burnt_in_calipers_and_text_are_found_and_painted_out(fake_busi: Path, tmp_path: Path) -> None:
+    """A caliper cross and a text stroke drawn on speckle are found (and little else), painted away, and cached as
+    the ``painted`` copy that training can swap in."""
+    from train.annotations import annotation_mask, painted_out
+
+    rng = np.random.default_rng(5)
+    frame = cv2.GaussianBlur(rng.integers(40, 120, (120, 160), dtype=np.uint8), (5, 5), 0)
+    marked = frame.copy()
+    cv2.line(marked, (50, 60), (60, 60), 255, 1)
+    cv2.line(marked, (55, 55), (55, 65), 255, 1)
+    cv2.putText(marked, "LT", (100, 100), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1)
+    marks = annotation_mask(marked)
+    drawn = marked != frame
+    assert marks[drawn].mean() > 0.95 and marks[~drawn].mean() < 0.05
+    painted = painted_out(marked, marks)
+    assert painted[drawn].max() < 200 and np.abs(painted.astype(int) - frame).mean() < 3
+    arrays = prepare(fake_busi, 32, paint=True)
+    assert arrays["painted"].shape == arrays["images"].shape
+    save_cache(tmp_path / "painted.npz", arrays)
+    assert np.array_equal(load_cache(tmp_path / "painted.npz")["painted"], arrays["painted"])
+
+
 def test_delta_coding_is_lossless() -> None:
     images = np.random.default_rng(3).integers(0, 256, (4, 16, 16), dtype=np.uint8)
     assert np.array_equal(delta_decode(delta_encode(images)), images)

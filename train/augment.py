@@ -51,6 +51,10 @@ class AugmentConfig:
     # lesion-free tissue can be a lesion class. 0 = off (the v1 and v2 recipes).
     lesion_keep: float = 0.0
     lesion_tries: int = 5
+    # Share of training draws that use the copy of the image with its burnt-in annotations painted out
+    # (:mod:`train.annotations`, cached by ``train.prepare --paint-annotations``), so that calipers and text stop
+    # being a cue for the class. 0 = off (v1-v3).
+    p_paint_annotations: float = 0.0
 
 
 def build_augment(config: AugmentConfig | None = None, seed: int | None = None, size: int = 256) -> A.Compose:

@@ -12,7 +12,7 @@ reading the test portion:
 Each fold is then scored under those choices, and the summary gives each headline metric per fold, their mean
 and standard deviation, and the pooled OOF metrics. ``train.export --cv`` reads it into the model card.
 
-    python -m train.cv --config train/configs/busi_unet_v3.yaml --runs train/runs/busi_unet_v3/cv --folds 0 1 2
+    python -m train.cv --config train/configs/busi_unet_v4.yaml --runs train/runs/busi_unet_v4/cv --folds 0 1 2
 
 Folds whose run folder already holds ``summary.json`` are not trained again.
 """

@@ -229,6 +229,8 @@ class Data:
     val_masks: np.ndarray
     val_labels: np.ndarray
     val_rel: np.ndarray
+    #: The training images with their burnt-in annotations painted out (same order), when the cache has them.
+    train_painted: np.ndarray | None = None
 
 
 def select_folds(arrays: dict[str, np.ndarray], split: pd.DataFrame, val_fold: str) -> Data:
@@ -245,15 +247,19 @@ def select_folds(arrays: dict[str, np.ndarray], split: pd.DataFrame, val_fold: s
     return Data(
         arrays["images"][train], arrays["masks"][train], arrays["labels"][train].astype(np.int64),
         arrays["images"][val], arrays["masks"][val], arrays["labels"][val].astype(np.int64), arrays["rel"][val],
+        arrays["painted"][train] if "painted" in arrays else None,
     )
 
 
 def load_arrays(config: dict[str, Any]) -> dict[str, np.ndarray]:
     """The cache named in the config, built from the raw data first if it does not exist yet."""
     cache = Path(config["cache"])
+    paint = float(config["augment"].get("p_paint_annotations", 0.0)) > 0
     if not cache.is_file():
-        save_cache(cache, prepare(Path(config["data"]), int(config["size"]), config["geometry"]))
+        save_cache(cache, prepare(Path(config["data"]), int(config["size"]), config["geometry"], paint=paint))
     arrays = load_cache(cache)
+    if paint and "painted" not in arrays:
+        raise ValueError(f"{cache} has no painted images; build it with python -m train.prepare --paint-annotations")
     if int(arrays["size"]) != int(config["size"]):
         raise ValueError(f"{cache} holds {int(arrays['size'])}px images, config asks for {config['size']}")
     geometry = str(arrays["geometry"]) if "geometry" in arrays else "squash"
@@ -398,8 +404,10 @@ class Trainer:
     def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = np.empty((index.size, *self.data.train_images.shape[1:]), dtype=np.uint8)
         masks = np.empty_like(images)
+        p_paint = self.augment_config.p_paint_annotations if self.data.train_painted is not None else 0.0
         for k, i in enumerate(index):
-            images[k], masks[k] = augment_pair(self.augment, self.data.train_images[i], self.data.train_masks[i],
+            source = self.data.train_painted if p_paint and self.rng.random() < p_paint else self.data.train_images
+            images[k], masks[k] = augment_pair(self.augment, source[i], self.data.train_masks[i],
                                                self.augment_config.lesion_keep, self.augment_config.lesion_tries)
         norm = self.config["normalisation"]
         x = to_input(images, norm["mean"], norm["std"])

@@ -22,6 +22,8 @@ from busi_batch.discover import ImageItem, discover
 from busi_batch.imageio import load_image, load_truth_mask
 from busi_batch.preprocess import GEOMETRIES, letterbox_box, resize_square, to_gray_float
 
+from .annotations import annotation_mask, painted_out
+
 
 def resize_mask(mask: np.ndarray, size: int, geometry: str = "squash") -> np.ndarray:
     """Bool (H, W) mask -> uint8 0/1 (size, size): area-average the float mask, then keep pixels >= half covered.
@@ -39,24 +41,40 @@ def resize_mask(mask: np.ndarray, size: int, geometry: str = "squash") -> np.nda
     return square
 
 
+def to_square_uint8(image: np.ndarray, size: int, geometry: str) -> np.ndarray:
+    """A decoded frame -> the cached uint8 (S, S) grey square, through inference's own preprocessing."""
+    gray = resize_square(to_gray_float(image), size, geometry)
+    return np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def painted_square(item: ImageItem, size: int, geometry: str = "squash") -> np.ndarray:
+    """The cached square of ``item`` with its burnt-in annotations painted out at native resolution first
+    (:mod:`train.annotations`); frames deeper than 8 bits are cached unpainted (the detector's thresholds are
+    8-bit grey levels)."""
+    image = load_image(item.path)
+    if image.dtype == np.uint8:
+        image = painted_out(image, annotation_mask(image))
+    return to_square_uint8(image, size, geometry)
+
+
 def prepare_item(item: ImageItem, size: int, geometry: str = "squash") -> tuple[np.ndarray, np.ndarray, int]:
     """(image uint8 (S,S), mask uint8 0/1 (S,S), class index) for one labelled BUSI image, brought to the square in
     ``geometry`` (see :mod:`busi_batch.preprocess`)."""
     if item.true_class is None:
         raise ValueError(f"{item.rel}: no class (BUSI images sit in normal/ benign/ malignant/ folders)")
     image = load_image(item.path)
-    gray = resize_square(to_gray_float(image), size, geometry)
     mask = load_truth_mask(item.truth_masks, image.shape[:2])
     return (
-        np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8),
+        to_square_uint8(image, size, geometry),
         resize_mask(mask, size, geometry),
         class_index(item.true_class),
     )
 
 
-def prepare(data_root: Path, size: int, geometry: str = "squash") -> dict[str, np.ndarray]:
+def prepare(data_root: Path, size: int, geometry: str = "squash", paint: bool = False) -> dict[str, np.ndarray]:
     """Arrays ``images`` (N,S,S) uint8, ``masks`` (N,S,S) uint8, ``labels`` (N,) int64, ``rel`` (N,) str, and the
-    ``size`` and ``geometry`` they were made with."""
+    ``size`` and ``geometry`` they were made with; with ``paint``, also ``painted`` (N,S,S) uint8, each image
+    with its burnt-in annotations painted out (:func:`painted_square`)."""
     items = discover(Path(data_root)).items
     if not items:
         raise ValueError(f"{data_root}: no images found")
@@ -65,7 +83,9 @@ def prepare(data_root: Path, size: int, geometry: str = "squash") -> dict[str, n
     labels = np.empty(len(items), dtype=np.int64)
     for i, item in enumerate(items):
         images[i], masks[i], labels[i] = prepare_item(item, size, geometry)
+    extra = {"painted": np.stack([painted_square(item, size, geometry) for item in items])} if paint else {}
     return {
+        **extra,
         "images": images,
         "masks": masks,
         "labels": labels,
@@ -88,8 +108,10 @@ def delta_decode(deltas: np.ndarray) -> np.ndarray:
 
 def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write :func:`prepare`'s arrays compressed, images delta-coded (see :func:`delta_encode`)."""
-    stored = {k: v for k, v in arrays.items() if k != "images"}
-    stored["images_delta"] = delta_encode(arrays["images"])
+    stored = {k: v for k, v in arrays.items() if k not in ("images", "painted")}
+    for key in ("images", "painted"):
+        if key in arrays:
+            stored[f"{key}_delta"] = delta_encode(arrays[key])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **stored)
 
@@ -98,7 +120,9 @@ def load_cache(path: Path) -> dict[str, np.ndarray]:
     """The cache written by :func:`save_cache`, fully loaded into memory, with ``images`` decoded."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
-    arrays["images"] = delta_decode(arrays.pop("images_delta"))
+    for key in ("images", "painted"):
+        if f"{key}_delta" in arrays:
+            arrays[key] = delta_decode(arrays.pop(f"{key}_delta"))
     return arrays
 
 
@@ -108,9 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--geometry", choices=GEOMETRIES, default="squash")
     parser.add_argument("--out", type=Path, default=Path("train/cache/busi_256.npz"))
+    parser.add_argument("--paint-annotations", action="store_true",
+                        help="also cache each image with its burnt-in annotations painted out")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    arrays = prepare(args.data, args.size, args.geometry)
+    arrays = prepare(args.data, args.size, args.geometry, paint=args.paint_annotations)
     save_cache(args.out, arrays)
     counts = np.bincount(arrays["labels"], minlength=3)
     print(
