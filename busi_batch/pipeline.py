@@ -355,13 +355,15 @@ def _save_after_failure(
     folder: RunFolder, items: list[ImageItem], results: dict[str, ImageResult], summary: RunSummary,
     record: Callable[[RunSummary], None],
 ) -> None:
-    """Best effort after a fatal error: the CSV of what was done, run.json marked failed.
+    """Best effort after a fatal error: the CSV of what was done, run.json marked failed, and no temporary file
+    left behind (an exception delivered by a signal handler, such as a dead decoding worker's, can interrupt a
+    write between creating its temporary file and guarding it).
 
-    Either may fail too (a full disk); the journal already holds every finished batch, so nothing done is lost.
+    Each may fail too (a full disk); the journal already holds every finished batch, so nothing done is lost.
     """
     rows = [results[i.name] for i in items if i.name in results]
     done = _counted(summary, rows, len(results) - summary.skipped)
-    for action in (lambda: folder.write_rows(rows), lambda: record(done)):
+    for action in (lambda: folder.write_rows(rows), lambda: record(done), folder.clear_temp_files):
         try:
             action()
         except BusiBatchError as err:

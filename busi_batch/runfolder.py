@@ -587,6 +587,10 @@ class RunFolder:
             raise OutputWriteError(f"{self.temp_dir}: cannot create: {err.strerror or err}") from err
         return remove_temp_files(self.temp_dir)
 
+    def clear_temp_files(self) -> int:
+        """Remove the temporaries in ``.busi-batch/tmp`` (only busi-batch writes there, and only under the lock)."""
+        return remove_temp_files(self.temp_dir)
+
     def write_record(self, record: RunRecord) -> None:
         """The one writer of ``run.json``."""
         write_json(self.out / RUN_JSON, record.to_json(), temp_dir=self.temp_dir)
