@@ -198,11 +198,65 @@ class MultiTaskLiteUNet(nn.Module):
         return seg_logits, self.cls_head(head, seg_logits)
 
 
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Several trained networks that see the same input and whose logits are averaged.
+
+    ``members`` are the members' own architecture records (what their cards hold), so an ensemble rebuilds
+    from its card like any other checkpoint. Members must not be ensembles themselves.
+    """
+
+    name: str = "ensemble"
+    members: tuple[dict[str, Any], ...] = ()
+    num_classes: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(dict(m) for m in self.members))  # JSON gives a list
+        if len(self.members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        for member in self.members:
+            if member.get("name") == self.name:
+                raise ValueError("an ensemble member cannot itself be an ensemble")
+            if member.get("num_classes", self.num_classes) != self.num_classes:
+                raise ValueError(f"member with {member.get('num_classes')} classes in a {self.num_classes}-class "
+                                 "ensemble")
+
+
+class LogitEnsemble(nn.Module):
+    """Returns the members' mean ``(seg_logits, class_logits)``.
+
+    Logits rather than probabilities are averaged so that the rest of the product treats an ensemble exactly
+    like one network: one temperature calibrates the mean class logits, and the mask threshold applies to the
+    sigmoid of the mean lesion logit.
+    """
+
+    def __init__(self, config: EnsembleConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(build_network(member) for member in config.members)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [member(x) for member in self.members]
+        seg_logits = torch.stack([seg for seg, _ in outputs]).mean(dim=0)
+        class_logits = torch.stack([cls for _, cls in outputs]).mean(dim=0)
+        return seg_logits, class_logits
+
+
+def ensemble_of(networks: list[nn.Module]) -> LogitEnsemble:
+    """A :class:`LogitEnsemble` holding copies of ``networks``' weights (each needs its ``config``)."""
+    configs = [dataclasses.asdict(network.config) for network in networks]
+    ensemble = LogitEnsemble(EnsembleConfig(members=tuple(configs), num_classes=configs[0]["num_classes"]))
+    for member, network in zip(ensemble.members, networks):
+        member.load_state_dict(network.state_dict())
+    return ensemble.eval()
+
+
 #: Architecture name (the card's ``architecture["name"]``) -> (config class, network class). Cards written
 #: before architectures had names (busi_unet_v1) are the plain U-Net.
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "unet": (UNetConfig, MultiTaskUNet),
     "lite_unet": (LiteUNetConfig, MultiTaskLiteUNet),
+    "ensemble": (EnsembleConfig, LogitEnsemble),
 }
 
 
@@ -324,6 +378,15 @@ def load_model(
     """
     if precision not in FORWARD_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}")
+    network, card, weights, digest = load_network(weights)
+    # channels_last: about 1.3x faster convolutions on CPU (measured), and the layout tensor cores want on GPU.
+    network = fold_batch_norm(network.eval()).to(device).to(memory_format=torch.channels_last)
+    return LoadedModel(network=network, card=card, weights_path=weights, sha256=digest, precision=precision)
+
+
+def load_network(weights: Path | None = None) -> tuple[nn.Module, ModelCard, Path, str]:
+    """The verified checkpoint as a plain float32 network (BatchNorm not folded, so it can be trained further or
+    combined with others), its card, the ``.pt`` path and its sha256; ``ModelLoadError`` as :func:`load_model`."""
     weights = Path(weights) if weights is not None else default_weights_path()
     if weights.suffix == ".json":
         weights = weights.with_suffix(".pt")
@@ -350,9 +413,7 @@ def load_model(
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except Exception as err:  # torch raises many types for a bad pickle or a shape mismatch
         raise ModelLoadError(f"{weights}: cannot load weights: {str(err).splitlines()[0]}") from err
-    # channels_last: about 1.3x faster convolutions on CPU (measured), and the layout tensor cores want on GPU.
-    network = fold_batch_norm(network.eval()).to(device).to(memory_format=torch.channels_last)
-    return LoadedModel(network=network, card=card, weights_path=weights, sha256=digest, precision=precision)
+    return network.eval(), card, weights, digest
 
 
 def fold_batch_norm(network: nn.Module) -> nn.Module:

@@ -19,7 +19,8 @@ from busi_batch.encoder import (  # noqa: E402
 )
 from busi_batch.metrics import dice_score  # noqa: E402
 from busi_batch.model import (  # noqa: E402
-    ARCHITECTURES, LiteUNetConfig, ModelCard, MultiTaskLiteUNet, build_network, load_model, save_model,
+    ARCHITECTURES, LiteUNetConfig, ModelCard, MultiTaskLiteUNet, build_network, ensemble_of, load_model,
+    save_model,
 )
 from busi_batch.postprocess import MaskRules, lesion_mask, probability_to_size  # noqa: E402
 from busi_batch.preprocess import letterbox_box, model_input, resize_square  # noqa: E402
@@ -97,7 +98,38 @@ def test_lite_unet_shapes_and_both_heads_get_gradients() -> None:
 def test_unknown_architecture_is_refused_with_the_valid_names() -> None:
     with pytest.raises(ValueError, match="lite_unet"):
         build_network({"name": "transformer"})
-    assert set(ARCHITECTURES) == {"unet", "lite_unet"}
+    assert set(ARCHITECTURES) == {"unet", "lite_unet", "ensemble"}
+
+
+def test_ensemble_averages_its_members_logits_and_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """The ensemble's output is the members' mean logits, and its card alone rebuilds it (members included)."""
+    torch.manual_seed(0)
+    members = [MultiTaskLiteUNet(LiteUNetConfig(decoder_widths=(16, 8, 8, 8))).eval() for _ in range(2)]
+    ensemble = ensemble_of(members)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        outputs = [m(x) for m in members]
+        seg, cls = ensemble(x)
+    assert torch.allclose(seg, (outputs[0][0] + outputs[1][0]) / 2, atol=1e-6)
+    assert torch.allclose(cls, (outputs[0][1] + outputs[1][1]) / 2, atol=1e-6)
+    assert not torch.allclose(outputs[0][1], outputs[1][1])  # two different members, not one counted twice
+    card = ModelCard(name="ens-test", version="0", architecture=dataclasses.asdict(ensemble.config), input_size=64,
+                     input_geometry="letterbox", test_model=True)
+    save_model(ensemble, card, tmp_path / "ens.pt")
+    loaded = load_model(tmp_path / "ens.pt")
+    assert loaded.card.architecture_name() == "ensemble" and len(loaded.card.architecture["members"]) == 2
+    with torch.no_grad():
+        got = loaded.network(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got[0], seg, atol=1e-4) and torch.allclose(got[1], cls, atol=1e-4)
+
+
+def test_an_ensemble_needs_two_plain_members() -> None:
+    lite = dataclasses.asdict(LiteUNetConfig())
+    with pytest.raises(ValueError, match="at least two"):
+        build_network({"name": "ensemble", "members": [lite]})
+    nested = {"name": "ensemble", "members": [lite, lite]}
+    with pytest.raises(ValueError, match="itself be an ensemble"):
+        build_network({"name": "ensemble", "members": [nested, lite]})
 
 
 def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path) -> None:
@@ -120,10 +152,11 @@ def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path) -> 
 @pytest.mark.parametrize(("name", "architecture", "geometry"), [
     ("busi_unet_v1", "unet", "squash"), ("busi_unet_v2", "lite_unet", "letterbox"),
     ("busi_unet_v3", "lite_unet", "letterbox"), ("busi_unet_v4", "lite_unet", "letterbox"),
+    ("busi_unet_v5", "ensemble", "letterbox"),
 ])
 def test_every_shipped_checkpoint_loads_with_its_card(name: str, architecture: str, geometry: str) -> None:
-    """v1 (plain U-Net), v2, v3 and the default v4 (Lite0 U-Net) all load, pass the card's sha256 check, and say
-    which architecture they are."""
+    """v1 (plain U-Net), v2, v3, the default v4 (Lite0 U-Net) and v5 (two Lite0 U-Nets) all load, pass the card's
+    sha256 check, and say which architecture they are."""
     loaded = load_model(Path(__file__).resolve().parent.parent / "busi_batch" / "weights" / f"{name}.pt")
     assert loaded.card.name == name and loaded.sha256 == loaded.card.weights_sha256
     assert loaded.card.architecture_name() == architecture and loaded.card.input_geometry == geometry

@@ -225,15 +225,21 @@ def tiny_config(data: Path, split_csv: Path) -> dict:
     return copy.deepcopy(config)
 
 
-def test_tiny_fit_then_export_and_evaluate(fake_busi: Path, tmp_path: Path) -> None:
-    from train.export import export
-
-    arrays = prepare(fake_busi, 32)
+def tiny_study(data: Path, tmp_path: Path) -> tuple[dict[str, np.ndarray], pd.DataFrame, Path, dict]:
+    """The fake study cached at 32 px, its split written to ``tmp_path``, and a tiny config naming both."""
+    arrays = prepare(data, 32)
     split = fake_split(arrays["rel"])
     split_csv = tmp_path / "split.csv"
     split.to_csv(split_csv, index=False)
+    return arrays, split, split_csv, tiny_config(data, split_csv)
+
+
+def test_tiny_fit_then_export_and_evaluate(fake_busi: Path, tmp_path: Path) -> None:
+    from train.export import export
+
+    arrays, split, _, config = tiny_study(fake_busi, tmp_path)
     run = tmp_path / "run"
-    result = fit(tiny_config(fake_busi, split_csv), run, arrays=arrays, split=split)
+    result = fit(config, run, arrays=arrays, split=split)
     assert result.epochs_done == 2 and result.best_epoch == 2
     log = pd.read_csv(run / "log.csv")
     assert log["phase"].tolist() == ["seg", "joint"]
@@ -285,11 +291,7 @@ def test_fit_temperature_recovers_a_known_temperature() -> None:
 
 def test_bf16_training_step_moves_the_weights_in_fp32(fake_busi: Path, tmp_path: Path) -> None:
     """precision: bf16 runs the forward passes under autocast; weights, losses and the log stay finite float32."""
-    arrays = prepare(fake_busi, 32)
-    split = fake_split(arrays["rel"])
-    split_csv = tmp_path / "split.csv"
-    split.to_csv(split_csv, index=False)
-    config = tiny_config(fake_busi, split_csv)
+    arrays, split, _, config = tiny_study(fake_busi, tmp_path)
     config["precision"] = "bf16"
     result = fit(config, tmp_path / "run", arrays=arrays, split=split)
     assert result.epochs_done == 2
@@ -329,11 +331,7 @@ def test_cross_validation_then_a_fixed_schedule_model_exported_with_out_of_fold_
     from train.cv import cross_validate, load_summary
     from train.export import export
 
-    arrays = prepare(fake_busi, 32)
-    split = fake_split(arrays["rel"])
-    split_csv = tmp_path / "split.csv"
-    split.to_csv(split_csv, index=False)
-    config = tiny_config(fake_busi, split_csv)
+    arrays, split, split_csv, config = tiny_study(fake_busi, tmp_path)
     config["cache"] = str(tmp_path / "cache.npz")
     summary = cross_validate(config, tmp_path / "cv", ["0", "1"], fake_busi, split_csv, n_boot=20)
     assert summary["n_images"] == {"0": 3, "1": 3}  # each fold's own images, never a test one
@@ -357,6 +355,49 @@ def test_cross_validation_then_a_fixed_schedule_model_exported_with_out_of_fold_
     assert card.extra["cross_validation"]["folds"] == ["0", "1"]
     assert card.metrics["classification"]["n_images"] == 3 and "ece" in card.metrics["classification"]
     load_model(tmp_path / "weights" / "tiny_v2.pt")
+
+
+def test_seed_ensemble_cross_validated_then_exported_from_a_run_and_a_checkpoint(
+    fake_busi: Path, tmp_path: Path,
+) -> None:
+    """train.ensemble combines two seeds' fold runs fold by fold with choices made on the ensemble's own
+    out-of-fold predictions, then publishes members trained on every fold: one a run folder, one a checkpoint."""
+    from busi_batch.model import save_model
+    from train.cv import cross_validate
+    from train.ensemble import cross_validate as ensemble_cv
+    from train.ensemble import export as ensemble_export
+    from train.export import build_network, provisional_card
+
+    arrays, split, split_csv, config = tiny_study(fake_busi, tmp_path)
+    config["cache"] = str(tmp_path / "cache.npz")
+    for seed in (1, 2):
+        cross_validate({**config, "seed": seed}, tmp_path / f"cv{seed}", ["0", "1"], fake_busi, split_csv, n_boot=20)
+    summary = ensemble_cv([tmp_path / "cv1", tmp_path / "cv2"], ["0", "1"], tmp_path / "cv", n_boot=20)
+    assert summary["n_images"] == {"0": 3, "1": 3} and summary["members"][1].endswith("cv2")
+    assert json.loads((tmp_path / "cv" / "cv_summary.json").read_text())["folds"] == ["0", "1"]
+    fold0 = load_model(tmp_path / "cv" / "fold0" / "checkpoint.pt")
+    assert fold0.card.architecture_name() == "ensemble"
+
+    finals = []
+    for seed in (1, 2):
+        finals.append(tmp_path / f"final{seed}")
+        fit({**config, "val_fold": "none", "seed": seed}, finals[-1], arrays=arrays, split=split)
+    run_config = json.loads(json.dumps(config))  # the run folder's own config names the data and the split
+    member_pt = tmp_path / "member2.pt"
+    save_model(build_network({**run_config, "val_fold": "none"}, finals[1] / "best.pt"),
+               provisional_card("member2", run_config), member_pt)
+    with pytest.raises(ValueError, match="run folder"):
+        ensemble_export([member_pt, member_pt], tmp_path / "cv", "tiny_ens", weights_dir=tmp_path / "w", n_boot=20)
+    card = ensemble_export([finals[0], member_pt], tmp_path / "cv", "tiny_ens", weights_dir=tmp_path / "w",
+                           n_boot=20)
+    assert card.architecture_name() == "ensemble" and len(card.architecture["members"]) == 2
+    assert card.temperature == pytest.approx(summary["temperature"]["temperature"], abs=1e-4)
+    assert card.threshold == summary["mask_rules"]["chosen"]["threshold"]
+    provenance = card.extra["ensemble"]["members"]
+    assert provenance[0]["seed"] == 1 and provenance[1]["checkpoint"] == "member2.pt"
+    assert card.metrics["classification"]["n_images"] == 3
+    loaded = load_model(tmp_path / "w" / "tiny_ens.pt")
+    assert loaded.sha256 == card.weights_sha256
 
 
 def test_lesion_evidence_rule_overrules_only_confident_normal_verdicts() -> None:

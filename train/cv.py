@@ -152,12 +152,27 @@ def cross_validate(
     for fold in folds:
         run = train_fold(config, runs, fold) if train else runs / f"fold{fold}"
         predictions.append(predict_fold(config, run, data, split_path, fold))
+    protocol = (
+        f"one fixed recipe ({config.get('phases')}); fold K trained on the other non-test folds, its final EMA "
+        "weights scored on fold K at native resolution; temperature and mask rules chosen on the pooled "
+        "out-of-fold predictions; the test portion never read"
+    )
+    summary = summarise_folds(predictions, config["geometry"] == "letterbox", protocol, n_boot)
+    atomic_write_text(runs / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarise_folds(
+    predictions: list[FoldPredictions], letterbox: bool, protocol: str, n_boot: int = 1000
+) -> dict[str, Any]:
+    """The cross-validation summary of out-of-fold predictions (any model that produced them): temperature and
+    mask rules chosen on the pooled predictions, each fold scored under them, mean and spread, pooled metrics."""
+    folds = [fp.fold for fp in predictions]
     pooled = [pair for fp in predictions for pair in fp.pairs]
 
     labels = np.array([CLASS_NAMES.index(item.true_class) for item, _ in pooled])
     log_probs = np.log(np.clip(np.stack([p.probabilities for _, p in pooled]), 1e-12, None))
     temperature: Calibration = fit_temperature(log_probs, labels)
-    letterbox = config["geometry"] == "letterbox"
     rule_scores = [tune_mask.score_rules(pooled, rules) for rules in tune_mask.candidate_rules(letterbox)]
     chosen = tune_mask.choose(rule_scores)
     rules = chosen.rules
@@ -166,12 +181,8 @@ def cross_validate(
         return [calibrated(score_prediction(item, pred, rules), temperature.temperature) for item, pred in pairs]
 
     per_fold = {fp.fold: headline(summarise(scored(fp.pairs), n_boot)) for fp in predictions}
-    summary = {
-        "protocol": (
-            f"one fixed recipe ({config.get('phases')}); fold K trained on the other non-test folds, its final EMA "
-            "weights scored on fold K at native resolution; temperature and mask rules chosen on the pooled "
-            "out-of-fold predictions; the test portion never read"
-        ),
+    return {
+        "protocol": protocol,
         "folds": folds,
         "n_images": {fp.fold: len(fp.pairs) for fp in predictions},
         "temperature": dataclasses.asdict(temperature),
@@ -186,8 +197,6 @@ def cross_validate(
         "pooled": summarise(scored(pooled), n_boot),
         "lesion_evidence_rule": lesion_evidence_rule(pooled),
     }
-    atomic_write_text(runs / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def load_summary(runs: Path) -> dict[str, Any]:
@@ -215,8 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", nargs="+", default=["0", "1", "2"], choices=TRAIN_FOLDS)
     parser.add_argument("--data", type=Path, default=None, help="BUSI folder (default: the config's)")
     parser.add_argument("--no-train", action="store_true", help="only score folds that are already trained")
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed (ensemble members)")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, seed=args.seed)
     tune_runtime(int(config["threads"]))
     summary = cross_validate(config, args.runs, list(args.folds), Path(args.data or config["data"]),
                              Path(config["split"]), train=not args.no_train)

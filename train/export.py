@@ -168,17 +168,25 @@ def export(
     calibration = Calibration(**cv_summary["temperature"]) if cv_summary else calibrate_run(run)
     network = build_network(config, run / "best.pt")
     card = make_card(name, run, config, summary, git, calibration, cv_summary)
-    weights = Path(weights_dir) / f"{name}.pt"
-    data = Path(data or config["data"])
-    split = Path(config["split"])
+    return publish(network, card, Path(weights_dir) / f"{name}.pt", Path(data or config["data"]),
+                   Path(config["split"]), cv_summary, validation_fold=str(config["val_fold"]) if tune_rules else None,
+                   half=half, n_boot=n_boot)
 
+
+def publish(
+    network: torch.nn.Module, card: ModelCard, weights: Path, data: Path, split: Path,
+    cv_summary: dict[str, Any] | None, validation_fold: str | None = None, half: bool = False, n_boot: int = 1000,
+) -> ModelCard:
+    """Save ``network`` with ``card`` as ``weights``, set the mask rules (the CV's out-of-fold choice, else chosen
+    on ``validation_fold``, else the plain rules), evaluate once on the test portion and write the metrics into
+    the card; float16 is kept under ``half`` only if the headline metrics do not move."""
     card = save_model(network, card, weights, half=False)
     chosen: dict[str, Any] | None = None
     if cv_summary:
         chosen = cv_summary["mask_rules"]["chosen"]
         record = {"source": "cross-validation out-of-fold predictions", **cv_summary["mask_rules"]}
-    elif tune_rules:
-        tuning = tune_mask.tune(load_model(weights), data, split, str(config["val_fold"]))
+    elif validation_fold is not None:
+        tuning = tune_mask.tune(load_model(weights), data, split, validation_fold)
         chosen = tuning["chosen"]
         record = {k: tuning[k] for k in ("fold", "n_images", "criterion", "chosen", "default")}
         print(f"mask rules (validation fold {tuning['fold']}): {chosen}  [default: {tuning['default']}]")

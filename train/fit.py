@@ -597,10 +597,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs-seg", type=int, default=None)
     parser.add_argument("--epochs-joint", type=int, default=None)
     parser.add_argument("--val-fold", type=str, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed (ensemble members)")
     args = parser.parse_args(argv)
     config = load_config(
         args.config, max_minutes=args.max_minutes, epochs_seg=args.epochs_seg, epochs_joint=args.epochs_joint,
-        val_fold=args.val_fold,
+        val_fold=args.val_fold, seed=args.seed,
     )
     out = args.out or Path("train/runs") / args.config.stem
     out.mkdir(parents=True, exist_ok=True)
