@@ -59,21 +59,22 @@ def forward_probabilities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities (B, K) and lesion probabilities (B, S, S) for a normalised batch (B, 1, S, S).
 
-    The class logits are divided by the card's temperature before the softmax. With ``tta`` the horizontally
-    flipped image is also run and the probabilities averaged.
+    The class logits are divided by the card's temperature and shifted by its ``class_bias`` (if any) before the
+    softmax. With ``tta`` the horizontally flipped image is also run and the probabilities averaged.
     """
     network = loaded.network
     device = next(network.parameters()).device
     use_amp = loaded.precision == "bf16"
     batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     views = [batch, torch.flip(batch, dims=[3])] if tta else [batch]
+    bias = torch.tensor(loaded.card.class_bias, dtype=torch.float32, device=device) if loaded.card.class_bias else 0.0
     class_probs, lesion_probs = [], []
     for k, view in enumerate(views):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             seg_logits, class_logits = network(view)
         seg = torch.sigmoid(seg_logits.float())[:, 0]
         lesion_probs.append(torch.flip(seg, dims=[2]) if k else seg)
-        class_probs.append(torch.softmax(class_logits.float() / loaded.card.temperature, dim=1))
+        class_probs.append(torch.softmax(class_logits.float() / loaded.card.temperature + bias, dim=1))
     return torch.stack(class_probs).mean(0), torch.stack(lesion_probs).mean(0)
 
 

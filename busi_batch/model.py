@@ -275,7 +275,9 @@ class ModelCard:
     ``dataclasses.replace(card, ...)``).
 
     ``metrics`` holds the held-out test metrics in the ``metrics.json`` schema; ``temperature`` divides the class
-    logits before the softmax (1.0 = uncalibrated); ``threshold``, ``min_component_fraction`` and
+    logits before the softmax (1.0 = uncalibrated); ``class_bias`` (one value per class, or empty for none) is
+    then added to them: the model's operating point, a shift of the class prior chosen out of fold
+    (``train.operating_point``), so the reported probabilities and the class agree; ``threshold``, ``min_component_fraction`` and
     ``empty_when_normal`` turn the lesion probability into the reported mask (see
     :class:`busi_batch.postprocess.MaskRules`; cards without them get the plain 0.5 threshold).
     """
@@ -289,6 +291,7 @@ class ModelCard:
     normalisation: dict[str, float] = field(default_factory=lambda: {"mean": 0.5, "std": 0.25})
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     temperature: float = 1.0
+    class_bias: list[float] = field(default_factory=list)
     threshold: float = 0.5
     min_component_fraction: float = 0.0
     empty_when_normal: bool = False
@@ -302,6 +305,14 @@ class ModelCard:
     )
     test_model: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.class_bias and len(self.class_bias) != len(self.class_names):
+            raise ValueError(f"class_bias has {len(self.class_bias)} values for {len(self.class_names)} classes")
+
+    def operating_point_key(self) -> str:
+        """``class_bias=a,b,c`` for a card with an operating point, else empty (keys of older runs still match)."""
+        return "class_bias=" + ",".join(f"{b:g}" for b in self.class_bias) if any(self.class_bias) else ""
 
     def mask_rules(self) -> MaskRules:
         return MaskRules(self.threshold, self.min_component_fraction, self.empty_when_normal,

@@ -63,10 +63,13 @@ def settings_key(loaded: LoadedModel, tta: bool) -> str:
     """What besides input and model changes a result: part of the resume check.
 
     bf16 is named (its masks differ from fp32's in a few edge pixels); fp32 is not, so keys written before
-    the precision option existed still match.
+    the precision option existed still match. A card's operating point (``class_bias``) is named when it has one:
+    the same weights under another card give other classes.
     """
     key = f"{loaded.card.mask_rules().key()};tta={int(tta)}"
-    return key + (";precision=bf16" if loaded.precision == "bf16" else "")
+    key += (";precision=bf16" if loaded.precision == "bf16" else "")
+    operating_point = loaded.card.operating_point_key()
+    return key + (f";{operating_point}" if operating_point else "")
 
 
 def identifier_columns(item: ImageItem, anonymize: bool) -> dict[str, Any]:

@@ -74,3 +74,24 @@ def test_gate_is_used_on_cpu_with_workers_only(tiny_weights: Path, sample_study:
     loaded = load_model(tiny_weights)
     assert len(list(predict_images(loaded, items, batch_size=2, workers=0))) == 3 and not made
     assert len(list(predict_images(loaded, items, batch_size=2, workers=1))) == 3 and len(made) == 1
+
+
+def test_a_cards_class_bias_shifts_the_probabilities_and_names_itself_in_the_resume_key(tiny_weights: Path) -> None:
+    """probabilities = softmax(logits / T + class_bias): a bias of log 4 on malignant multiplies its odds by 4
+    against every other class; the resume key names the bias (old keys, without one, stay as they were)."""
+    import dataclasses
+
+    from busi_batch.inference import forward_probabilities
+
+    plain = load_model(tiny_weights, precision="fp32")
+    biased = dataclasses.replace(plain, card=dataclasses.replace(plain.card, class_bias=[0.0, 0.0, float(np.log(4))]))
+    batch = torch.randn(3, 1, plain.card.input_size, plain.card.input_size, generator=torch.Generator().manual_seed(0))
+    p, lesion = forward_probabilities(plain, batch)
+    q, lesion_biased = forward_probabilities(biased, batch)
+    odds = (q[:, 2] / q[:, :2].T) / (p[:, 2] / p[:, :2].T)
+    assert torch.allclose(odds, torch.full_like(odds, 4.0), rtol=1e-4)
+    assert torch.equal(lesion, lesion_biased)  # the mask is not the class head's business
+    assert "class_bias" not in settings_key(plain, False)
+    assert settings_key(biased, False) == settings_key(plain, False) + ";class_bias=0,0,1.38629"
+    with pytest.raises(ValueError, match="3 classes"):
+        dataclasses.replace(plain.card, class_bias=[1.0, 0.0])

@@ -399,6 +399,16 @@ def test_seed_ensemble_cross_validated_then_exported_from_a_run_and_a_checkpoint
     loaded = load_model(tmp_path / "w" / "tiny_ens.pt")
     assert loaded.sha256 == card.weights_sha256
 
+    # an operating point chosen on the same CV folder goes into the card; the weights file stays as it was
+    from train.operating_point import apply
+    with_point = apply(tmp_path / "w" / "tiny_ens.pt", tmp_path / "cv", fake_busi, split_csv, enforce_rule=False,
+                       n_boot=20)
+    assert len(with_point.class_bias) == 3 and with_point.class_bias[1] == 0.0
+    assert with_point.metrics["evaluation"]["class_bias"] == with_point.class_bias
+    assert with_point.extra["operating_point"]["nested_estimate"]["chosen"].keys() == {"0", "1"}
+    reloaded = load_model(tmp_path / "w" / "tiny_ens.pt")
+    assert reloaded.card.class_bias == with_point.class_bias and reloaded.sha256 == card.weights_sha256
+
 
 def test_lesion_evidence_rule_overrules_only_confident_normal_verdicts() -> None:
     from busi_batch.discover import ImageItem

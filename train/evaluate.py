@@ -145,6 +145,7 @@ def evaluate(
         "threshold": loaded.card.threshold,
         "mask_rules": loaded.card.mask_rules().key(),
         "temperature": loaded.card.temperature,
+        "class_bias": list(loaded.card.class_bias),
         "tta": tta,
         "precision": precision,
     }
