@@ -28,7 +28,7 @@ from .postprocess import MaskRules
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: How a loaded network's forward pass can run: float32, or bfloat16 under autocast (weights stay float32).
 FORWARD_PRECISIONS = ("fp32", "bf16")
-DEFAULT_MODEL_NAME = "busi_unet_v4"
+DEFAULT_MODEL_NAME = "busi_unet_v6"
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def table(result: dict[str, Any]) -> str:
 def checkpoint_parser(description: str | None) -> argparse.ArgumentParser:
     """Command-line options shared by the tools that score a checkpoint on BUSI: weights, data folder, split."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v4.pt"))
+    parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v6.pt"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/busi"))
     parser.add_argument("--split", type=Path, default=Path("train/splits/busi_v1.csv"))
     return parser
