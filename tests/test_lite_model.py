@@ -1,4 +1,5 @@
-"""The pretrained-encoder model (busi_unet_v2, v3, v4 and v6's architecture): weight mapping, geometry, training, loading."""
+"""The pretrained-encoder model (the architecture of busi_unet_v2, v3, v4 and v6): weight mapping, geometry,
+training, loading."""
 
 from __future__ import annotations
 
@@ -155,8 +156,8 @@ def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path) -> 
     ("busi_unet_v5", "ensemble", "letterbox"), ("busi_unet_v6", "lite_unet", "letterbox"),
 ])
 def test_every_shipped_checkpoint_loads_with_its_card(name: str, architecture: str, geometry: str) -> None:
-    """v1 (plain U-Net), v2, v3, v4, the default v6 (Lite0 U-Nets) and v5 (two Lite0 U-Nets) all load, pass the card's
-    sha256 check, and say which architecture they are."""
+    """v1 (plain U-Net), v2, v3, v4, the default v6 (Lite0 U-Nets) and v5 (two Lite0 U-Nets) all load, pass the
+    card's sha256 check, and say which architecture they are."""
     loaded = load_model(Path(__file__).resolve().parent.parent / "busi_batch" / "weights" / f"{name}.pt")
     assert loaded.card.name == name and loaded.sha256 == loaded.card.weights_sha256
     assert loaded.card.architecture_name() == architecture and loaded.card.input_geometry == geometry

@@ -30,7 +30,7 @@ from busi_batch.classes import CLASS_NAMES, class_index
 from busi_batch.discover import ImageItem, discover
 from busi_batch.imageio import atomic_write_text
 from busi_batch.inference import Prediction, predict_images
-from busi_batch.model import FORWARD_PRECISIONS, LoadedModel, load_model, sha256_file
+from busi_batch.model import FORWARD_PRECISIONS, LoadedModel, default_weights_path, load_model, sha256_file
 from busi_batch.postprocess import MaskRules, lesion_mask
 from busi_batch.rows import score_masks
 
@@ -172,7 +172,8 @@ def table(result: dict[str, Any]) -> str:
 def checkpoint_parser(description: str | None) -> argparse.ArgumentParser:
     """Command-line options shared by the tools that score a checkpoint on BUSI: weights, data folder, split."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("busi_batch/weights/busi_unet_v6.pt"))
+    parser.add_argument("--weights", type=Path, default=default_weights_path(),
+                        help="checkpoint (default: the shipped default model)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/busi"))
     parser.add_argument("--split", type=Path, default=Path("train/splits/busi_v1.csv"))
     return parser
