@@ -12,7 +12,8 @@ after); with even input sides that padding is fixed, which keeps the network tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -46,6 +47,20 @@ LITE0 = (
     Stage(4, 5, 2, 6, 192),
     Stage(1, 3, 1, 6, 320),
 )
+
+
+def deeper(stages: tuple[Stage, ...], depth: float) -> tuple[Stage, ...]:
+    """The stage table scaled by a depth multiplier as EfficientNet-Lite scales it: each inner stage's repeats
+    rounded up (``ceil(repeats * depth)``), the first and the last stage kept as they are."""
+    last = len(stages) - 1
+    return tuple(stage if i in (0, last) else replace(stage, repeats=math.ceil(stage.repeats * depth))
+                 for i, stage in enumerate(stages))
+
+
+#: EfficientNet-Lite1 (depth multiplier 1.1): Lite0's widths, one more block in each inner stage (21 blocks).
+LITE1 = deeper(LITE0, 1.1)
+#: the encoders by name, as model configs and cards spell them
+ENCODERS = {"efficientnet-lite0": LITE0, "efficientnet-lite1": LITE1}
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPS = 1e-3  # TensorFlow's; the pretrained statistics were estimated with it

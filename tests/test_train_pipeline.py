@@ -430,3 +430,35 @@ def test_lesion_evidence_rule_overrules_only_confident_normal_verdicts() -> None
     assert rows[None]["accuracy"] == pytest.approx(0.75) and rows[None]["changed"] == 0
     assert rows[0.9]["changed"] == 1 and rows[0.9]["changed_right"] == 1 and rows[0.9]["accuracy"] == 1.0
     assert rows[0.5]["changed"] == 2 and rows[0.5]["changed_right"] == 1 and rows[0.5]["accuracy"] == 0.75
+
+
+def test_a_config_inherits_its_base_and_overrides_only_what_it_states(tmp_path: Path) -> None:
+    from train.fit import load_config
+
+    (tmp_path / "parent.yaml").write_text(
+        "size: 128\nbatch_size: 8\nmodel: {name: lite_unet, encoder: efficientnet-lite0, dropout: 0.1}\n"
+        "augment: {p_flip: 0.2, aspect: 0.1}\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: parent.yaml\nbatch_size: 4\nmodel: {encoder: efficientnet-lite1}\naugment: {aspect: 0.3}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config["size"], config["batch_size"]) == (128, 4)
+    assert config["model"] == {"name": "lite_unet", "encoder": "efficientnet-lite1", "dropout": 0.1}
+    assert config["augment"] == {"p_flip": 0.2, "aspect": 0.3}
+
+    (tmp_path / "other.yaml").write_text("base: parent.yaml\nmodel: {name: unet, base_width: 8}\n")
+    assert load_config(tmp_path / "other.yaml")["model"] == {"name": "unet", "base_width": 8}  # replaced whole
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_the_lite1_candidate_config_is_v6_with_the_deeper_encoder() -> None:
+    from train.fit import load_config
+
+    root = Path(__file__).resolve().parents[1] / "train" / "configs"
+    v6, v7 = load_config(root / "busi_unet_v6.yaml"), load_config(root / "busi_unet_v7.yaml")
+    changed = {key for key in v6 if v6[key] != v7[key]}
+    assert changed == {"model", "pretrained"}
+    assert {k for k in v6["model"] if v6["model"][k] != v7["model"][k]} == {"encoder"}

