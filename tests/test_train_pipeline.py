@@ -462,3 +462,15 @@ def test_the_lite1_candidate_config_is_v6_with_the_deeper_encoder() -> None:
     changed = {key for key in v6 if v6[key] != v7[key]}
     assert changed == {"model", "pretrained"}
     assert {k for k in v6["model"] if v6["model"][k] != v7["model"][k]} == {"encoder"}
+
+
+def test_the_sampling_candidate_config_moves_v6s_class_balance_from_the_loss_to_the_sampler() -> None:
+    from train.fit import load_config
+
+    root = Path(__file__).resolve().parents[1] / "train" / "configs"
+    v6, v8 = load_config(root / "busi_unet_v6.yaml"), load_config(root / "busi_unet_v8.yaml")
+    assert {key for key in v6 if v6[key] != v8[key]} == {"loss", "sampling_power"}
+    assert {k for k in v6["loss"] if v6["loss"][k] != v8["loss"][k]} == {"class_weight_power"}
+    # the same balance, applied once: v6's loss exponent becomes v8's sampling exponent
+    assert (v6["sampling_power"], v6["loss"]["class_weight_power"]) == (0.0, 0.5)
+    assert (v8["sampling_power"], v8["loss"]["class_weight_power"]) == (0.5, 0.0)
