@@ -50,47 +50,61 @@ def render(pdf: Path, index: int, out: Path, dpi: int) -> None:
 
 
 EVIDENCE_TEMPLATE = """{% import "macros.html.j2" as m %}
-<html><head><style>{{ css | safe }} @page { size: 180mm 104mm; margin: 4mm; } body { margin: 0; }
+<html><head><style>{{ css | safe }} @page { size: 180mm 112mm; margin: 4mm; } body { margin: 0; }
 .two-col { display: flex; gap: 6mm; } .svg-chart { flex: 1; }</style></head><body>
 <p class="chart-title"><strong>{{ title }}</strong></p>
 <div class="two-col">
   <div class="svg-chart"><p class="chart-title">ROC curves <span class="note">one-vs-rest;
   {% for c in roc.curves %}<span style="color: {{ c.colour }}">&#9632;</span> {{ c.name }} AUC
-  {{ "%.3f" % c.auc }}{{ ", " if not loop.last }}{% endfor %}</span></p>
+  {{ c.auc | num }}{{ ", " if not loop.last }}{% endfor %}</span></p>
   {{ m.roc_svg(roc) }}</div>
-  <div class="svg-chart"><p class="chart-title">Reliability diagram <span class="note">ECE {{ "%.3f" % ece }}
-  ({{ "%.3f" % ece_ci[0] }}–{{ "%.3f" % ece_ci[1] }});
-  red dot: a bin's mean confidence against its accuracy</span></p>
+  <div class="svg-chart"><p class="chart-title">Reliability diagram <span class="note">ECE {{ ece | num }}
+  ({{ ece_ci | ci }}); red dot: a bin's mean confidence against its accuracy</span></p>
   {{ m.reliability_svg(reliability) }}</div>
 </div></body></html>"""
 
 
 def render_evidence(weights: Path | None, out: Path, dpi: int) -> str:
     """model-evidence.png from the card of ``weights`` (default: the shipped default model); returns its name."""
-    import jinja2
     import weasyprint
 
     from busi_batch.model import card_path_for, default_weights_path
     from busi_batch.report.content import reliability_chart, roc_chart
-    from busi_batch.report.render import templates_dir
+    from busi_batch.report.render import environment, stylesheets
 
     card = json.loads(card_path_for(weights or default_weights_path()).read_text(encoding="utf-8"))
     classification = card["metrics"]["classification"]
     roc, reliability = roc_chart(classification), reliability_chart(classification)
     if roc is None or reliability is None:
         raise SystemExit(f"{card['name']}: its card holds no ROC curves or reliability bins")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True)
-    env.filters.update(num=str, pct=str, ci=str, seconds=str)  # used by other macros of the file, not these
     title = (f"{card['name']}: test split ({classification['n_images']} images), scored at export, "
              "as in the model card")
-    html = env.from_string(EVIDENCE_TEMPLATE).render(
-        css=(templates_dir() / "report.css").read_text(encoding="utf-8"), title=title, roc=roc,
-        reliability=reliability, ece=classification["ece"], ece_ci=classification["ece_ci95"])
+    html = environment().from_string(EVIDENCE_TEMPLATE).render(
+        css=stylesheets()[0], title=title, roc=roc, reliability=reliability, ece=classification["ece"],
+        ece_ci=classification["ece_ci95"])
     with tempfile.TemporaryDirectory() as tmp:
         pdf = Path(tmp) / "evidence.pdf"
-        weasyprint.HTML(string=html).write_pdf(str(pdf))
+        document = weasyprint.HTML(string=html).render()
+        if len(document.pages) != 1:  # the charts spilled onto a later page: page 1 alone would be blank
+            raise SystemExit(f"model-evidence: the charts take {len(document.pages)} pages, not 1; enlarge @page")
+        document.write_pdf(str(pdf))
         render(pdf, 0, out / "model-evidence.png", dpi)
     return str(card["name"])
+
+
+def render_report_pictures(weights: Path | None, image: str, out: Path, dpi: int) -> None:
+    """report-summary.png and report-page.png: ``busi-batch run`` on the sample study, two pages of its PDF."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pdf = Path(tmp) / "sample.pdf"
+        command = [sys.executable, "-m", "busi_batch", "run", str(ROOT / "tests" / "data" / "sample_study"),
+                   "--out", str(Path(tmp) / "results"), "--report", str(pdf)]
+        if weights:
+            command += ["--weights", str(weights)]
+        subprocess.run(command, check=True)
+        image_page = page_of(pdf, image)
+        render(pdf, 0, out / "report-summary.png", dpi)
+        render(pdf, image_page, out / "report-page.png", dpi)
+        print(f"summary page 1 and page {image_page + 1} ({image}) rendered into {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,21 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evidence-only", action="store_true", help="only model-evidence.png (no run, ~2 s)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
-    if args.evidence_only:
-        print(f"model-evidence.png: test ROC curves and reliability diagram of "
-              f"{render_evidence(args.weights, args.out, 2 * args.dpi)}")
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        pdf = Path(tmp) / "sample.pdf"
-        command = [sys.executable, "-m", "busi_batch", "run", str(ROOT / "tests" / "data" / "sample_study"),
-                   "--out", str(Path(tmp) / "results"), "--report", str(pdf)]
-        if args.weights:
-            command += ["--weights", str(args.weights)]
-        subprocess.run(command, check=True)
-        image_page = page_of(pdf, args.image)
-        render(pdf, 0, args.out / "report-summary.png", args.dpi)
-        render(pdf, image_page, args.out / "report-page.png", args.dpi)
-        print(f"summary page 1 and page {image_page + 1} ({args.image}) rendered into {args.out}")
+    if not args.evidence_only:
+        render_report_pictures(args.weights, args.image, args.out, args.dpi)
     name = render_evidence(args.weights, args.out, 2 * args.dpi)
     print(f"model-evidence.png: test ROC curves and reliability diagram of {name}")
     return 0

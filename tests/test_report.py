@@ -442,8 +442,8 @@ def test_a_page_that_overflows_is_renumbered(run_pdf: tuple[Path, Path], tmp_pat
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """If an image's page ever spills onto a second sheet, later chunks and the summary's references follow."""
     out, _ = run_pdf
-    css = render._css()
-    monkeypatch.setattr(render, "_css", lambda: (css[0] + "\n#img-2 .kicker { margin-bottom: 240mm; }", css[1]))
+    css = render.stylesheets()
+    monkeypatch.setattr(render, "stylesheets", lambda: (css[0] + "\n#img-2 .kicker { margin-bottom: 240mm; }", css[1]))
     monkeypatch.setattr(report_pdf, "split_pages",
                         lambda entries, workers: [entries[i:i + 3] for i in range(0, len(entries), 3)])
     pdf = tmp_path / "overflow.pdf"

@@ -100,7 +100,8 @@ def validate_report_options(target: Path, pages: str) -> None:
         raise UsageError(f"--report-pages must be one of {', '.join(PAGE_CHOICES)}, not {pages!r}")
 
 
-def _environment() -> Any:
+def environment() -> Any:
+    """The Jinja2 environment of the report templates, with their filters (``num``, ``pct``, ``ci``, ``seconds``)."""
     import jinja2
 
     env = jinja2.Environment(
@@ -138,7 +139,7 @@ def _seconds(value: float | None) -> str:
     return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
 
 
-def _css() -> tuple[str, str]:
+def stylesheets() -> tuple[str, str]:
     """(screen and shared rules, paged-media rules): the PDF uses both, the HTML keeps the second for printing."""
     root = templates_dir()
     return (root / "report.css").read_text(encoding="utf-8"), (root / "print.css").read_text(encoding="utf-8")
@@ -191,8 +192,8 @@ def render_report(run_dir: Path, target: Path, pages: str = "all", processes: in
             pictures = [pdf.submit(pool, make_renditions, rendition_jobs(chunk, info, truth, assets_dir))
                         for chunk in chunks]
             attach(gallery, make_renditions(rendition_jobs(gallery, info, truth, assets_dir)))
-            template = _environment().get_template("report.html.j2")
-            css = _css()
+            template = environment().get_template("report.html.j2")
+            css = stylesheets()
             if fmt == "html":
                 for chunk, future in zip(chunks, pictures):
                     attach(chunk, future.result())
